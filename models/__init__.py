@@ -1,0 +1,1 @@
+"""Pure-PyTorch models of the prompt learners (no Dassl import here)."""

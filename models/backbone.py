@@ -1,0 +1,518 @@
+"""CLIP backbone: loading from several sources, and fast exact encoders.
+
+Loading (:func:`load_clip`) resolves weights in this order and logs every step:
+
+1. an explicit path (OpenAI ``.pt`` JIT archive, a plain state dict, or a Hugging Face CLIP folder);
+2. the local cache (``$CLIP_CACHE``, then ``~/.cache/clip``) with OpenAI's file names, SHA-256 checked;
+3. OpenAI's download URL (SHA-256 checked; these URLs answer 404 for many users today);
+4. the Hugging Face hub (``openai/clip-vit-base-patch16`` ...), converted to OpenAI's state-dict layout
+   and built with :func:`clip.model.build_model`.
+
+The encoders never edit CLIP: they run its stock sub-modules (layer norms, MLPs, projections) and compute
+attention with :func:`torch.nn.functional.scaled_dot_product_attention` from the stock weights, which lets
+them truncate the text sequence after the last end-of-text token and share the class-independent prompt
+prefix across classes. Both are exact under CLIP's causal mask; tests compare them with ``encode_text``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.request
+import warnings
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from clip import clip as openai_clip
+from clip.model import CLIP, VisionTransformer, build_model
+from torch import nn
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+TOY_NAME = "toy"
+OPENAI_URLS: dict[str, str] = dict(openai_clip._MODELS)
+HF_REPOS: dict[str, str] = {
+    "ViT-B/32": "openai/clip-vit-base-patch32",
+    "ViT-B/16": "openai/clip-vit-base-patch16",
+    "ViT-L/14": "openai/clip-vit-large-patch14",
+    "ViT-L/14@336px": "openai/clip-vit-large-patch14-336",
+}
+
+
+class BackboneError(RuntimeError):
+    """Base class of backbone loading errors."""
+
+
+class UnknownBackboneError(BackboneError, ValueError):
+    """The backbone name is not one we know."""
+
+
+class CorruptWeightsError(BackboneError):
+    """A weight file exists but is not what it should be."""
+
+
+class BackboneNotFoundError(BackboneError):
+    """No source could provide the weights."""
+
+
+def available_backbones() -> list[str]:
+    """Names accepted by :func:`load_clip` (OpenAI names plus ``toy``)."""
+    return [*OPENAI_URLS, TOY_NAME]
+
+
+def cache_dirs() -> list[Path]:
+    """Local weight caches searched in order: ``$CLIP_CACHE`` then ``~/.cache/clip``."""
+    dirs = []
+    if os.environ.get("CLIP_CACHE"):
+        dirs.append(Path(os.environ["CLIP_CACHE"]).expanduser())
+    dirs.append(Path("~/.cache/clip").expanduser())
+    return dirs
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building models
+# ----------------------------------------------------------------------------------------------------------
+def build_toy_clip(seed: int = 0) -> CLIP:
+    """A tiny random CLIP (ViT, 224 px input, patch 16, widths 64) for tests and offline smoke runs.
+
+    It has the same input size and tokenizer as ViT-B/16, so every trainer config runs with it unchanged.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(
+            embed_dim=64,
+            image_resolution=224,
+            vision_layers=2,
+            vision_width=64,
+            vision_patch_size=16,
+            context_length=77,
+            vocab_size=49408,
+            transformer_width=64,
+            transformer_heads=1,
+            transformer_layers=2,
+        )
+    logger.warning(
+        "Backbone 'toy': a tiny CLIP with RANDOM weights (seed %d). This is a smoke-test backbone; "
+        "accuracies obtained with it mean nothing.",
+        seed,
+    )
+    return model.float().eval()
+
+
+def _check_hf_heads(config) -> None:
+    for tower in ("text_config", "vision_config"):
+        sub = getattr(config, tower)
+        if sub.hidden_size // 64 != sub.num_attention_heads:
+            raise BackboneError(
+                f"Hugging Face CLIP {tower} has hidden_size={sub.hidden_size} and "
+                f"num_attention_heads={sub.num_attention_heads}; OpenAI's build_model assumes heads = width // 64, "
+                "so this checkpoint cannot be converted. Use an OpenAI-architecture CLIP checkpoint."
+            )
+        if getattr(sub, "hidden_act", "quick_gelu") != "quick_gelu":
+            logger.warning(
+                "Hugging Face CLIP %s uses activation %r, OpenAI CLIP uses quick_gelu: outputs will differ.",
+                tower,
+                sub.hidden_act,
+            )
+
+
+def hf_to_openai_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a Hugging Face ``CLIPModel`` state dict to OpenAI's CLIP layout (ViT models)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def blocks(hf_prefix: str, oa_prefix: str) -> None:
+        layer_ids = sorted(
+            {int(k[len(hf_prefix) :].split(".")[0]) for k in hf_state if k.startswith(hf_prefix)}
+        )
+        for i in layer_ids:
+            src, dst = f"{hf_prefix}{i}.", f"{oa_prefix}{i}."
+            for kind in ("weight", "bias"):
+                out[dst + f"attn.in_proj_{kind}"] = torch.cat(
+                    [hf_state[src + f"self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")], dim=0
+                )
+                out[dst + f"attn.out_proj.{kind}"] = hf_state[src + f"self_attn.out_proj.{kind}"]
+                out[dst + f"ln_1.{kind}"] = hf_state[src + f"layer_norm1.{kind}"]
+                out[dst + f"ln_2.{kind}"] = hf_state[src + f"layer_norm2.{kind}"]
+                out[dst + f"mlp.c_fc.{kind}"] = hf_state[src + f"mlp.fc1.{kind}"]
+                out[dst + f"mlp.c_proj.{kind}"] = hf_state[src + f"mlp.fc2.{kind}"]
+
+    t, v = "text_model.", "vision_model."
+    out["token_embedding.weight"] = hf_state[t + "embeddings.token_embedding.weight"]
+    out["positional_embedding"] = hf_state[t + "embeddings.position_embedding.weight"]
+    blocks(t + "encoder.layers.", "transformer.resblocks.")
+    for kind in ("weight", "bias"):
+        out[f"ln_final.{kind}"] = hf_state[t + f"final_layer_norm.{kind}"]
+        out[f"visual.ln_pre.{kind}"] = hf_state[v + f"pre_layrnorm.{kind}"]
+        out[f"visual.ln_post.{kind}"] = hf_state[v + f"post_layernorm.{kind}"]
+    out["text_projection"] = hf_state["text_projection.weight"].t().contiguous()
+    out["visual.class_embedding"] = hf_state[v + "embeddings.class_embedding"]
+    out["visual.conv1.weight"] = hf_state[v + "embeddings.patch_embedding.weight"]
+    out["visual.positional_embedding"] = hf_state[v + "embeddings.position_embedding.weight"]
+    blocks(v + "encoder.layers.", "visual.transformer.resblocks.")
+    out["visual.proj"] = hf_state["visual_projection.weight"].t().contiguous()
+    out["logit_scale"] = hf_state["logit_scale"].reshape(())
+    return out
+
+
+def _from_state_dict(state: dict[str, torch.Tensor]) -> CLIP:
+    """Build with OpenAI's ``build_model`` and reload the weights in fp32.
+
+    ``build_model`` casts the model to fp16 before loading, which rounds fp32 weights; loading the state dict
+    again after ``.float()`` keeps them exact.
+    """
+    model = build_model(dict(state)).float()
+    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+    return model.eval()
+
+
+def _from_hf(source: str | Path) -> CLIP:
+    from transformers import CLIPModel  # imported lazily: heavy, and only this path needs it
+
+    hf = CLIPModel.from_pretrained(str(source))
+    _check_hf_heads(hf.config)
+    return _from_state_dict(hf_to_openai_state_dict(hf.state_dict()))
+
+
+def _from_openai_file(path: Path) -> CLIP:
+    """Load an OpenAI JIT archive or a (possibly nested) state dict saved with torch.save."""
+    if _is_jit_archive(path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, but OpenAI ships JIT
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    if not isinstance(state, dict) or "token_embedding.weight" not in state:
+        raise CorruptWeightsError(
+            f"{path} is not a CLIP checkpoint in OpenAI's layout (no 'token_embedding.weight'). "
+            "Pass an OpenAI .pt file, a state dict saved with torch.save, or a Hugging Face CLIP folder."
+        )
+    return _from_state_dict(state)
+
+
+def _is_jit_archive(path: Path) -> bool:
+    """TorchScript archives (OpenAI's .pt files) are zip files with a ``code/`` folder."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.split("/")[1:2] == ["code"] for name in zf.namelist())
+
+
+def _load_path(path: Path) -> CLIP:
+    if not path.exists():
+        raise BackboneNotFoundError(
+            f"MODEL.BACKBONE.PATH {path} does not exist. Point it at an OpenAI .pt file, a state dict, "
+            "or a Hugging Face CLIP folder (with config.json)."
+        )
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise BackboneNotFoundError(
+                f"{path} is a folder without config.json, so it is not a Hugging Face CLIP folder. "
+                "Save one with CLIPModel.save_pretrained(dir) or pass a .pt file."
+            )
+        logger.info("Loading CLIP from Hugging Face folder %s", path)
+        return _from_hf(path)
+    logger.info("Loading CLIP from file %s", path)
+    try:
+        return _from_openai_file(path)
+    except CorruptWeightsError:
+        raise
+    except Exception as exc:  # a truncated or foreign file
+        raise CorruptWeightsError(f"Could not read CLIP weights from {path}: {exc}") from exc
+
+
+def _download(url: str, target: Path, expected_sha256: str) -> None:
+    """Download ``url`` to ``target`` through a temporary file; the SHA-256 is checked before the rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as src:
+            total = int(src.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=target.name) as bar:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        got = sha256_file(tmp)
+        if got != expected_sha256:
+            raise CorruptWeightsError(f"Downloaded {url} has SHA-256 {got}, expected {expected_sha256}.")
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_clip(
+    name: str,
+    path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+) -> CLIP:
+    """Load a CLIP model in fp32, eval mode, on ``device``.
+
+    Args:
+        name: an OpenAI model name (``ViT-B/16``, ``RN50``, ...) or ``toy``.
+        path: optional explicit weights (OpenAI ``.pt``, a state dict, or a Hugging Face CLIP folder).
+        device: where to put the model.
+        download: allow the network sources (OpenAI URL, Hugging Face hub).
+
+    Raises:
+        UnknownBackboneError: ``name`` is not known (the message lists the valid names).
+        CorruptWeightsError: a cached or given file is damaged (the message names file and checksum).
+        BackboneNotFoundError: no source had the weights (the message lists every source tried).
+    """
+    if name == TOY_NAME:
+        return build_toy_clip().to(device)
+    if path:
+        return _load_path(Path(path).expanduser()).to(device)
+    if name not in OPENAI_URLS:
+        raise UnknownBackboneError(
+            f"Unknown backbone {name!r}. Valid names: {', '.join(available_backbones())} "
+            "(or set MODEL.BACKBONE.PATH to a weight file or a Hugging Face CLIP folder)."
+        )
+
+    url = OPENAI_URLS[name]
+    filename, expected = os.path.basename(url), url.split("/")[-2]
+    tried: list[str] = []
+    for cache in cache_dirs():
+        candidate = cache / filename
+        if not candidate.is_file():
+            logger.info("CLIP %s: not in cache %s", name, candidate)
+            tried.append(f"local cache: {candidate} (absent)")
+            continue
+        got = sha256_file(candidate)
+        if got != expected:
+            raise CorruptWeightsError(
+                f"Cached CLIP weights {candidate} have SHA-256 {got}, expected {expected}. "
+                "The file is damaged or incomplete: delete it and run again, or replace it with a good copy."
+            )
+        logger.info("CLIP %s: loading cached file %s (SHA-256 ok)", name, candidate)
+        return _from_openai_file(candidate).to(device)
+
+    if download:
+        target = cache_dirs()[0] / filename
+        try:
+            logger.info("CLIP %s: downloading %s", name, url)
+            _download(url, target, expected)
+            return _from_openai_file(target).to(device)
+        except CorruptWeightsError:
+            raise
+        except Exception as exc:
+            logger.warning("CLIP %s: OpenAI URL failed: %s", name, exc)
+            tried.append(f"OpenAI URL: {url} ({exc})")
+        repo = HF_REPOS.get(name)
+        if repo:
+            try:
+                logger.info("CLIP %s: loading Hugging Face hub repo %s", name, repo)
+                return _from_hf(repo).to(device)
+            except Exception as exc:
+                logger.warning("CLIP %s: Hugging Face hub failed: %s", name, exc)
+                tried.append(f"Hugging Face hub: {repo} ({type(exc).__name__}: {exc})")
+        else:
+            tried.append(f"Hugging Face hub: no converted repo known for {name}")
+    else:
+        tried.append("network sources skipped (download=False)")
+
+    lines = "\n  - ".join(tried)
+    raise BackboneNotFoundError(
+        f"Could not load CLIP {name!r}. Tried:\n  - {lines}\n"
+        f"To provide weights offline: copy OpenAI's {filename} into {cache_dirs()[-1]} (or $CLIP_CACHE), "
+        f"or save a Hugging Face CLIP folder and pass MODEL.BACKBONE.PATH /path/to/folder, "
+        f"or set MODEL.BACKBONE.PATH to a state dict saved with torch.save."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoders
+# ----------------------------------------------------------------------------------------------------------
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(..., L, H*dh) -> (..., H, L, dh)."""
+    return t.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(..., H, L, dh) -> (..., L, H*dh)."""
+    return t.transpose(-3, -2).flatten(-2)
+
+
+def qkv(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of a CLIP residual block for normalised input ``h`` (..., L, D)."""
+    attn = block.attn
+    q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    heads = attn.num_heads
+    return _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+
+
+def residual_block(
+    block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+) -> torch.Tensor:
+    """One CLIP ``ResidualAttentionBlock`` on batch-first input ``x`` (..., L, D), same maths as the stock block.
+
+    Attention uses scaled-dot-product attention with the block's own weights; ``attn_mask`` is boolean
+    (True = may attend) or additive.
+    """
+    q, k, v = qkv(block, block.ln_1(x))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    x = x + block.attn.out_proj(_merge_heads(o))
+    return x + block.mlp(block.ln_2(x))
+
+
+def eot_positions(tokens: torch.Tensor) -> torch.Tensor:
+    """Position of the end-of-text token in CLIP-tokenised ids (it has the largest id)."""
+    return tokens.argmax(dim=-1)
+
+
+class TextEncoder(nn.Module):
+    """CLIP's frozen text transformer on prompt embeddings, batched and truncated.
+
+    ``forward`` takes prompts of any leading shape (e.g. B x C prompts in one call). The sequence is cut
+    after the longest prompt's end-of-text token: exact, because under the causal mask later tokens never
+    reach an earlier position. In the last layer only the end-of-text row is computed after attention.
+    """
+
+    def __init__(self, clip_model: CLIP) -> None:
+        super().__init__()
+        self.blocks = clip_model.transformer.resblocks
+        self.positional_embedding = clip_model.positional_embedding
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_projection.dtype
+
+    def forward(self, prompts: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Text features for prompt embeddings ``prompts`` (..., L, D) with EOT positions ``eot`` (...)."""
+        lead = prompts.shape[:-2]
+        x = prompts.reshape(1, -1, *prompts.shape[-2:])
+        feats = self._encode(None, x, eot.reshape(-1))
+        return feats.reshape(*lead, feats.shape[-1])
+
+    def forward_shared_prefix(
+        self, prefix: torch.Tensor, suffix: torch.Tensor, eot: torch.Tensor
+    ) -> torch.Tensor:
+        """Text features of the prompts ``cat(prefix[b], suffix[c])`` for every b and c, shape (B, C, E).
+
+        ``prefix`` (B, P, D) is per image and class independent (``[SOS]`` + context), ``suffix`` (C, S, D) is
+        per class (name, '.', EOT, padding) and ``eot`` (C,) the EOT position in the full sequence. The prefix
+        is encoded once per image; the class suffixes attend to its cached keys and values.
+        """
+        return self._encode(prefix, suffix.unsqueeze(0).expand(prefix.shape[0], -1, -1, -1), eot)
+
+    def _encode(self, prefix: torch.Tensor | None, suffix: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Core loop. ``suffix`` is (G, C, S, D); ``prefix`` is (G, P, D) or None; ``eot`` (C,) absolute."""
+        dtype = self.dtype
+        n_pre = 0 if prefix is None else prefix.shape[1]
+        length = int(eot.max()) + 1
+        if int(eot.min()) < n_pre:
+            raise ValueError(
+                f"An end-of-text position ({int(eot.min())}) lies inside the shared prefix of {n_pre} tokens; "
+                "it must lie in the class suffix."
+            )
+        pos = self.positional_embedding.to(dtype)
+        xs = suffix[..., : length - n_pre, :].to(dtype) + pos[n_pre:length]
+        xp = None if prefix is None else prefix.to(dtype) + pos[:n_pre]
+        n_suf = xs.shape[-2]
+        device = xs.device
+        # Suffix row i (absolute n_pre + i) may attend to every prefix token and to suffix tokens j <= i.
+        rows = torch.arange(n_suf, device=device)
+        cols = torch.arange(n_pre + n_suf, device=device)
+        mask = cols[None, :] <= (rows[:, None] + n_pre)
+        eot_rel = (eot - n_pre).to(device)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            h = block.ln_1(xs)
+            q, k, v = qkv(block, h)  # (G, C, H, S, dh)
+            kp = vp = None
+            if xp is not None:
+                hp = block.ln_1(xp)
+                qp, kp, vp = qkv(block, hp)  # (G, H, P, dh)
+                kp, vp = kp.unsqueeze(1), vp.unsqueeze(1)
+            if i == last:
+                return self._last_layer(block, xs, q, k, v, kp, vp, eot_rel, mask)
+            if kp is not None:
+                k_all = torch.cat([kp.expand(-1, k.shape[1], -1, -1, -1), k], dim=-2)
+                v_all = torch.cat([vp.expand(-1, v.shape[1], -1, -1, -1), v], dim=-2)
+                o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+                op = F.scaled_dot_product_attention(qp, kp.squeeze(1), vp.squeeze(1), is_causal=True)
+                xp = xp + block.attn.out_proj(_merge_heads(op))
+                xp = xp + block.mlp(block.ln_2(xp))
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            xs = xs + block.attn.out_proj(_merge_heads(o))
+            xs = xs + block.mlp(block.ln_2(xs))
+        raise AssertionError("unreachable: the text transformer has no blocks")
+
+    def _last_layer(self, block, xs, q, k, v, kp, vp, eot_rel, mask) -> torch.Tensor:
+        """Last block, computed for the end-of-text row only; returns projected features (G, C, E)."""
+        n_cls = xs.shape[1]
+        cls = torch.arange(n_cls, device=xs.device)
+        q_e = q.transpose(2, 3)[:, cls, eot_rel].unsqueeze(-2)  # (G, C, H, 1, dh)
+        mask_e = mask[eot_rel].unsqueeze(1).unsqueeze(1)  # (C, 1, 1, P+S)
+        if kp is not None:
+            k = torch.cat([kp.expand(-1, n_cls, -1, -1, -1), k], dim=-2)
+            v = torch.cat([vp.expand(-1, n_cls, -1, -1, -1), v], dim=-2)
+        o = F.scaled_dot_product_attention(q_e, k, v, attn_mask=mask_e)  # (G, C, H, 1, dh)
+        x = xs[:, cls, eot_rel] + block.attn.out_proj(_merge_heads(o).squeeze(-2))
+        x = x + block.mlp(block.ln_2(x))
+        return self.ln_final(x).to(self.dtype) @ self.text_projection
+
+
+class VisualEncoder(nn.Module):
+    """CLIP's image encoder returning the projected feature and, for ViTs, the token sequence before ``ln_post``."""
+
+    def __init__(self, clip_model: CLIP) -> None:
+        super().__init__()
+        self.visual = clip_model.visual
+
+    @property
+    def is_vit(self) -> bool:
+        return isinstance(self.visual, VisionTransformer)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return ``(features (B, E), tokens (B, T, W) or None for ResNets)``."""
+        vis = self.visual
+        images = images.to(self.dtype)
+        if not self.is_vit:
+            return vis(images), None
+        x = vis.conv1(images).flatten(2).transpose(1, 2)  # (B, grid*grid, W)
+        cls = vis.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + vis.positional_embedding.to(x.dtype)
+        x = vis.ln_pre(x)
+        for block in vis.transformer.resblocks:
+            x = residual_block(block, x)
+        feats = vis.ln_post(x[:, 0, :])
+        if vis.proj is not None:
+            feats = feats @ vis.proj
+        return feats, x
+
+
+def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
+    """CLIP tokenisation (OpenAI's BPE), returning (N, context_length) int64 ids."""
+    return openai_clip.tokenize(list(texts), context_length=context_length).long()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Set ``requires_grad=False`` on all parameters of ``module`` and return it."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module

@@ -1,0 +1,110 @@
+"""Shared prompt pieces: class prompts as frozen token embeddings, context initialisation, templates."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from clip.simple_tokenizer import SimpleTokenizer
+from torch import nn
+
+from models.backbone import eot_positions, tokenize
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER: SimpleTokenizer | None = None
+
+#: Hand-written prompt ensemble for remote-sensing scenes (ZeroshotCLIPEnsemble).
+RS_ENSEMBLE_TEMPLATES: tuple[str, ...] = (
+    "a satellite photo of a {}.",
+    "an aerial photo of a {}.",
+    "a remote sensing image of a {}.",
+    "an overhead view of a {}.",
+    "a satellite image showing {}.",
+    "a high-resolution aerial image of {}.",
+)
+
+
+def bpe_length(text: str) -> int:
+    """Number of CLIP BPE tokens of ``text`` (without start/end tokens)."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = SimpleTokenizer()
+    return len(_TOKENIZER.encode(text))
+
+
+def clean_classname(name: str) -> str:
+    """Display form of a raw class folder name (underscores to spaces)."""
+    return name.replace("_", " ").strip()
+
+
+@torch.no_grad()
+def init_context(
+    clip_model: nn.Module, n_ctx: int, ctx_init: str = "", n_cls: int = 0
+) -> tuple[torch.Tensor, str]:
+    """Initial context vectors and the prompt prefix text they stand for.
+
+    With ``ctx_init`` (e.g. ``"a photo of a"``) the vectors are the word embeddings of its ``n_ctx`` tokens;
+    otherwise they are drawn from N(0, 0.02). ``n_cls > 0`` gives class-specific context (n_cls, n_ctx, D).
+    """
+    width = clip_model.ln_final.weight.shape[0]
+    dtype = clip_model.token_embedding.weight.dtype
+    if ctx_init:
+        ctx_init = ctx_init.replace("_", " ")
+        n_words = bpe_length(ctx_init)
+        if n_words != n_ctx:
+            logger.info("CTX_INIT %r has %d tokens: using N_CTX=%d instead of %d", ctx_init, n_words, n_words, n_ctx)
+            n_ctx = n_words
+        emb = clip_model.token_embedding(tokenize([ctx_init]))[0, 1 : 1 + n_ctx].to(dtype)
+        vectors = emb.unsqueeze(0).repeat(n_cls, 1, 1) if n_cls > 0 else emb.clone()
+        return vectors, ctx_init
+    shape = (n_cls, n_ctx, width) if n_cls > 0 else (n_ctx, width)
+    vectors = torch.empty(shape, dtype=dtype)
+    nn.init.normal_(vectors, std=0.02)
+    return vectors, " ".join(["X"] * n_ctx)
+
+
+class ClassPrompts(nn.Module):
+    """Frozen pieces of ``[SOS] <n_ctx placeholders> <classname>. [EOS]`` for every class.
+
+    Buffers (non-persistent: rebuilt from the class list, never stored in checkpoints):
+    ``token_prefix`` (1, 1, D) the ``[SOS]`` embedding; ``token_suffix`` (C, S, D) the class name, '.', EOT,
+    truncated after the longest prompt's EOT (exact under the causal mask); ``eot`` (C,) EOT positions in the
+    full sequence; ``tokens`` (C, 77) the token ids.
+    """
+
+    def __init__(self, clip_model: nn.Module, classnames: Sequence[str], n_ctx: int) -> None:
+        super().__init__()
+        names = [clean_classname(c) for c in classnames]
+        placeholder = " ".join(["X"] * n_ctx)
+        tokens = tokenize([f"{placeholder} {name}.".strip() for name in names])
+        eot = eot_positions(tokens)
+        length = int(eot.max()) + 1
+        with torch.no_grad():
+            emb = clip_model.token_embedding(tokens).to(clip_model.token_embedding.weight.dtype)
+        self.n_ctx = n_ctx
+        self.classnames = names
+        self.name_lens = [bpe_length(name) for name in names]
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("eot", eot, persistent=False)
+        self.register_buffer("token_prefix", emb[:1, :1].clone(), persistent=False)
+        self.register_buffer("token_suffix", emb[:, 1 + n_ctx : length].clone(), persistent=False)
+
+    @property
+    def seq_len(self) -> int:
+        """Truncated sequence length (longest EOT position + 1)."""
+        return int(self.eot.max()) + 1
+
+    def prefix(self, ctx: torch.Tensor) -> torch.Tensor:
+        """``[SOS] + ctx`` for context ``ctx`` (..., n_ctx, D) -> (..., 1 + n_ctx, D)."""
+        sos = self.token_prefix[0].to(ctx.dtype).expand(*ctx.shape[:-2], 1, ctx.shape[-1])
+        return torch.cat([sos, ctx], dim=-2)
+
+    def full(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Full truncated prompts for class-shared (n_ctx, D) or class-specific (C, n_ctx, D) context -> (C, L, D)."""
+        n_cls = self.token_suffix.shape[0]
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
+        suffix = self.token_suffix.to(ctx.dtype)
+        return torch.cat([self.prefix(ctx), suffix], dim=-2)

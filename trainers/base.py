@@ -1,0 +1,409 @@
+"""Shared Dassl adapter for prompt learners.
+
+:class:`PromptTrainer` wires a pure-PyTorch model from ``models/`` into Dassl's ``TrainerX``:
+
+- precision modes ``fp32``, ``fp16`` (upstream: CLIP and the learnable module in half precision),
+  ``amp`` (fp16 autocast + GradScaler, fp32 master weights) and ``bf16`` (bf16 autocast);
+- the optimizer from Dassl's builder, but the LR schedule (constant/linear warm-up then cosine/step, with
+  Dassl's semantics) from torch's own ``LambdaLR``, so neither Dassl bug on torch >= 2.6 is reached;
+- checkpoints holding only tensors and plain numbers, loaded with ``torch.load(weights_only=True)``;
+- a resume checkpoint after every epoch (``--resume`` or re-running into the same folder continues the
+  schedule exactly);
+- ``results.json`` next to Dassl's ``log.txt`` after every test-set evaluation.
+
+Models used with it expose ``prompt_learner`` (the module holding every learnable parameter, or ``None``)
+and ``forward(images, **extras) -> logits``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import os.path as osp
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from clip.model import convert_weights
+from dassl.engine import TrainerX
+from dassl.metrics import compute_accuracy
+from dassl.optim import build_optimizer
+from torch import nn
+from tqdm import tqdm
+from yacs.config import CfgNode as CN
+
+from models.backbone import load_clip
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "amp", "bf16")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESUME_FILE = "model-resume.pth.tar"
+
+
+def add_common_config(cfg: CN) -> None:
+    """Config keys shared by every trainer (added before any yaml is merged)."""
+    cfg.MODEL.BACKBONE.PATH = ""  # explicit CLIP weights: OpenAI .pt, state dict, or Hugging Face folder
+    cfg.BENCH = CN()
+    cfg.BENCH.PROTOCOL = "custom"  # base2new | crossdata | domaingen | fewshot | custom (recorded in results.json)
+    cfg.BENCH.CONFIG_NAME = ""  # trainer config file stem; train.py fills it in
+    cfg.BENCH.SOURCE_DATASET = ""  # dataset the evaluated model was trained on (eval-only runs)
+    cfg.BENCH.RESUME_EVERY_EPOCH = True  # write a small resume checkpoint after every epoch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning-rate schedule (Dassl's semantics, torch's LambdaLR)
+# ----------------------------------------------------------------------------------------------------------
+def lr_factor_fn(optim_cfg: CN, base_lr: float) -> Callable[[int], float]:
+    """Multiplicative LR factor per epoch index, reproducing Dassl's ``build_lr_scheduler``.
+
+    Dassl steps the scheduler once per epoch. With a warm-up of ``W`` epochs (``WARMUP_RECOUNT`` True, the
+    default of every config here) epochs ``0..W-1`` use the warm-up LR, then the successor schedule restarts
+    from its own epoch 0 (cosine over ``MAX_EPOCH`` epochs, not ``MAX_EPOCH - W``, as in Dassl).
+    """
+    kind, max_epoch = optim_cfg.LR_SCHEDULER, float(optim_cfg.MAX_EPOCH)
+    warmup = int(optim_cfg.WARMUP_EPOCH) if optim_cfg.WARMUP_EPOCH > 0 else 0
+    if warmup and not optim_cfg.WARMUP_RECOUNT:
+        raise ValueError(
+            "OPTIM.WARMUP_RECOUNT False is not supported (no config of this project uses it); set it to True."
+        )
+    if kind == "cosine":
+
+        def successor(e: int) -> float:
+            return 0.5 * (1.0 + math.cos(math.pi * e / max_epoch))
+
+    elif kind == "single_step":
+        step = optim_cfg.STEPSIZE[-1] if isinstance(optim_cfg.STEPSIZE, (list, tuple)) else optim_cfg.STEPSIZE
+        step = int(step) if int(step) > 0 else int(max_epoch)
+
+        def successor(e: int) -> float:
+            return optim_cfg.GAMMA ** (e // step)
+
+    elif kind == "multi_step":
+        milestones = sorted(int(m) for m in optim_cfg.STEPSIZE)
+
+        def successor(e: int) -> float:
+            return optim_cfg.GAMMA ** sum(e >= m for m in milestones)
+
+    else:
+        raise ValueError(
+            f"OPTIM.LR_SCHEDULER {kind!r} is not supported; use one of cosine, single_step, multi_step."
+        )
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            if optim_cfg.WARMUP_TYPE == "constant":
+                return optim_cfg.WARMUP_CONS_LR / base_lr
+            if optim_cfg.WARMUP_TYPE == "linear":
+                return (optim_cfg.WARMUP_MIN_LR / base_lr) if epoch == 0 else epoch / warmup
+            raise ValueError(f"OPTIM.WARMUP_TYPE {optim_cfg.WARMUP_TYPE!r} must be 'constant' or 'linear'.")
+        return successor(epoch - warmup)
+
+    return factor
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: CN) -> torch.optim.lr_scheduler.LambdaLR:
+    """Torch ``LambdaLR`` with Dassl's warm-up + successor semantics (see :func:`lr_factor_fn`)."""
+    fns = [lr_factor_fn(optim_cfg, group["lr"]) for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fns)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+def save_checkpoint_file(state: dict, path: Path) -> None:
+    """``torch.save`` through a temporary file, so an interrupted write never leaves a complete-looking file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """Load one of our checkpoints with ``weights_only=True`` (no code is unpickled)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(
+            f"Could not load checkpoint {path} with torch.load(weights_only=True): {exc}. "
+            "Checkpoints written by this project hold only tensors and numbers; a checkpoint from other code "
+            "may hold pickled objects: re-save its 'state_dict' with torch.save."
+        ) from exc
+
+
+def git_sha() -> str | None:
+    """The current commit of this repository, or None outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class PromptTrainer(TrainerX):
+    """Base Dassl trainer for CLIP prompt learners (see module docstring)."""
+
+    #: name of the trainer's config node under ``cfg.TRAINER`` (e.g. ``"COOP"``)
+    CONFIG_NODE: str = ""
+    #: registered module name; also the checkpoint sub-folder (upstream: ``prompt_learner``)
+    MODULE_NAME = "prompt_learner"
+    #: buffers of upstream checkpoints that depend on the class list and are rebuilt, not loaded
+    IGNORED_CHECKPOINT_KEYS: tuple[str, ...] = ("token_prefix", "token_suffix")
+
+    # -- configuration ------------------------------------------------------------------------------------
+    @property
+    def prec(self) -> str:
+        node = self.cfg.TRAINER.get(self.CONFIG_NODE) if self.CONFIG_NODE else None
+        return node.PREC if node is not None and "PREC" in node else "fp32"
+
+    def check_cfg(self, cfg: CN) -> None:
+        node = cfg.TRAINER.get(self.CONFIG_NODE) if self.CONFIG_NODE else None
+        prec = node.PREC if node is not None and "PREC" in node else "fp32"
+        if prec not in PRECISIONS:
+            raise ValueError(f"TRAINER.{self.CONFIG_NODE}.PREC is {prec!r}; choose one of {', '.join(PRECISIONS)}.")
+
+    # -- model --------------------------------------------------------------------------------------------
+    def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
+        """Return the method's model (``models/``); subclasses implement this."""
+        raise NotImplementedError
+
+    def dataset_template(self, default: str = "a photo of a {}.") -> str:
+        """The hand-crafted prompt template of the dataset (from the catalogue or its yaml)."""
+        return getattr(self.dm.dataset, "template", None) or default
+
+    def build_model(self) -> None:
+        cfg = self.cfg
+        self._t_start = time.time()
+        classnames = list(self.dm.dataset.classnames)
+        logger.info("Loading CLIP backbone %s", cfg.MODEL.BACKBONE.NAME)
+        clip_model = load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.PATH or None, device="cpu")
+        if self.prec == "fp16":
+            convert_weights(clip_model)  # upstream behaviour: CLIP weights in half precision
+        logger.info("Building %s with %d classes", type(self).__name__, len(classnames))
+        self.model = self.build_prompt_model(clip_model, classnames)
+        learner = getattr(self.model, "prompt_learner", None)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(learner is not None and name.startswith("prompt_learner."))
+        if learner is not None and self.prec == "fp16":
+            learner.half()
+        self.model.to(self.device)
+        n_learn = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        logger.info("Learnable parameters: %s", f"{n_learn:,}")
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.prec == "amp" else None
+        if learner is None:
+            self.optim = self.sched = None
+            return
+        self.optim = build_optimizer(learner, cfg.OPTIM)
+        self.sched = build_lr_scheduler(self.optim, cfg.OPTIM)
+        self.register_model(self.MODULE_NAME, learner, self.optim, self.sched)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context for the configured precision."""
+        if self.prec == "amp":
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        if self.prec == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- batches ------------------------------------------------------------------------------------------
+    def batch_extras(self, batch: dict) -> dict:
+        """Extra keyword inputs of the model for a batch (e.g. caption vectors); none by default."""
+        return {}
+
+    def parse_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Images, labels and extra model inputs of a Dassl batch, on the trainer's device."""
+        images = batch["img"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        return images, labels, self.batch_extras(batch)
+
+    def forward_backward(self, batch: dict) -> dict:
+        images, labels, extras = self.parse_batch(batch)
+        with self.autocast():
+            logits = self.model(images, **extras)
+            loss = F.cross_entropy(logits.float(), labels)
+        self.detect_anomaly(loss)
+        self.optim.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optim)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optim.step()
+        summary = {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item()}
+        if (self.batch_idx + 1) == self.num_batches:
+            self.update_lr()
+        return summary
+
+    @torch.no_grad()
+    def model_inference(self, images: torch.Tensor, **extras) -> torch.Tensor:
+        with self.autocast():
+            return self.model(images, **extras).float()
+
+    # -- evaluation and results ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def test(self, split: str | None = None) -> float:
+        """Evaluate on ``split`` (default ``TEST.SPLIT``); write ``results.json`` for the test split."""
+        self.set_model_mode("eval")
+        self.model.eval()
+        self.evaluator.reset()
+        split = split or self.cfg.TEST.SPLIT
+        loader = self.val_loader if split == "val" and self.val_loader is not None else self.test_loader
+        split = "val" if loader is self.val_loader and split == "val" else "test"
+        logger.info("Evaluate on the *%s* set", split)
+        for batch in tqdm(loader, desc=f"eval {split}", leave=False):
+            images, labels, extras = self.parse_batch(batch)
+            self.evaluator.process(self.model_inference(images, **extras), labels)
+        results = self.evaluator.evaluate()
+        for key, value in results.items():
+            self.write_scalar(f"{split}/{key}", value, self.epoch)
+        if split == "test":
+            self.write_results(results)
+        return list(results.values())[0]
+
+    def write_results(self, results: dict) -> Path:
+        """Write ``results.json`` (DESIGN.md section 3) into the output folder."""
+        cfg = self.cfg
+        y_true, y_pred = self.evaluator._y_true, self.evaluator._y_pred  # read-only use of Dassl's evaluator
+        per_class: dict[str, float] = {}
+        for label, name in sorted(self.lab2cname.items()):
+            hits = [p == t for t, p in zip(y_true, y_pred) if t == label]
+            if hits:
+                per_class[name] = 100.0 * sum(hits) / len(hits)
+        record = {
+            "trainer": cfg.TRAINER.NAME,
+            "dataset": cfg.DATASET.NAME,
+            "protocol": cfg.BENCH.PROTOCOL,
+            "split": "test",
+            "subsample": cfg.DATASET.get("SUBSAMPLE_CLASSES", "all"),
+            "shots": int(cfg.DATASET.NUM_SHOTS),
+            "seed": int(cfg.SEED),
+            "backbone": cfg.MODEL.BACKBONE.NAME,
+            "config": cfg.BENCH.CONFIG_NAME,
+            "epoch": int(getattr(self, "_loaded_epoch", None) or getattr(self, "_trained_epochs", 0)),
+            "accuracy": float(results["accuracy"]),
+            "macro_f1": float(results["macro_f1"]),
+            "per_class": per_class,
+            "n_test": len(y_true),
+            "seconds": round(time.time() - getattr(self, "_t_start", time.time()), 3),
+            "git_sha": git_sha(),
+        }
+        if cfg.BENCH.SOURCE_DATASET and cfg.BENCH.SOURCE_DATASET != cfg.DATASET.NAME:
+            record["source_dataset"] = cfg.BENCH.SOURCE_DATASET
+        path = Path(cfg.OUTPUT_DIR) / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("results.json.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+        logger.info("Wrote %s (accuracy %.2f%%)", path, record["accuracy"])
+        return path
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _checkpoint_state(self, name: str, epoch: int, val_result: float | None) -> dict:
+        sched = self._scheds[name]
+        return {
+            "state_dict": {k: v.detach().cpu() for k, v in self._models[name].state_dict().items()},
+            "epoch": int(epoch + 1),
+            "optimizer": self._optims[name].state_dict() if self._optims[name] is not None else None,
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "val_result": None if val_result is None else float(val_result),
+        }
+
+    def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
+        for name in self.get_model_names():
+            fname = model_name or f"model.pth.tar-{epoch + 1}"
+            folder = Path(directory) / name
+            save_checkpoint_file(self._checkpoint_state(name, epoch, val_result), folder / fname)
+            if fname != "model-best.pth.tar":
+                (folder / "checkpoint").write_text(fname + "\n")
+            logger.info("Checkpoint saved to %s", folder / fname)
+
+    def after_epoch(self) -> None:
+        self._trained_epochs = self.epoch + 1
+        super().after_epoch()
+        last = (self.epoch + 1) == self.max_epoch
+        freq = self.cfg.TRAIN.CHECKPOINT_FREQ
+        saved = last or (freq > 0 and (self.epoch + 1) % freq == 0)
+        if self.cfg.BENCH.RESUME_EVERY_EPOCH and not saved:
+            self.save_model(self.epoch, self.output_dir, model_name=RESUME_FILE)
+        elif saved:
+            for name in self.get_model_names():
+                Path(self.output_dir, name, RESUME_FILE).unlink(missing_ok=True)
+
+    def resume_model_if_exist(self, directory: str) -> int:
+        names = self.get_model_names()
+        pointers = [Path(directory) / n / "checkpoint" for n in names]
+        if not names or not all(p.is_file() for p in pointers):
+            logger.info("No checkpoint found in %s: training from scratch", directory)
+            return 0
+        start_epoch = 0
+        for name, pointer in zip(names, pointers):
+            path = pointer.parent / pointer.read_text().strip()
+            ckpt = load_checkpoint_file(path)
+            self._models[name].load_state_dict(ckpt["state_dict"])
+            if self._optims[name] is not None and ckpt.get("optimizer") is not None:
+                self._optims[name].load_state_dict(ckpt["optimizer"])
+            if self._scheds[name] is not None and ckpt.get("scheduler") is not None:
+                self._scheds[name].load_state_dict(ckpt["scheduler"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            start_epoch = int(ckpt["epoch"])
+            logger.info("Resumed %s from %s (continuing at epoch %d)", name, path, start_epoch + 1)
+        return start_epoch
+
+    def load_model(self, directory: str, epoch: int | None = None) -> None:
+        """Load trained weights for evaluation (``--model-dir``/``--load-epoch``)."""
+        if not directory:
+            logger.info("No --model-dir given: evaluating without loading weights")
+            return
+        fname = f"model.pth.tar-{epoch}" if epoch is not None else "model-best.pth.tar"
+        for name in self.get_model_names():
+            path = Path(directory) / name / fname
+            if not path.is_file():
+                folder = path.parent
+                present = sorted(p.name for p in folder.glob("model*")) if folder.is_dir() else []
+                raise FileNotFoundError(
+                    f"No checkpoint {fname} in {folder} (looked for {path}). "
+                    f"Checkpoints there: {present or 'none'}. "
+                    "Train first, or pass --load-epoch N matching a file model.pth.tar-N."
+                )
+            ckpt = load_checkpoint_file(path)
+            self._load_state(name, ckpt["state_dict"], path)
+            self._loaded_epoch = int(ckpt.get("epoch") or 0)
+            logger.info("Loaded %s into %s (epoch %s)", path, name, self._loaded_epoch)
+
+    def _load_state(self, name: str, state: dict, path: Path) -> None:
+        module = self._models[name]
+        own = module.state_dict()
+        state = {k: v for k, v in state.items() if k.split(".")[-1] not in self.IGNORED_CHECKPOINT_KEYS}
+        for key, value in state.items():
+            if key in own and own[key].shape != value.shape:
+                raise ValueError(
+                    f"Checkpoint {path}: '{key}' has shape {tuple(value.shape)} but this model expects "
+                    f"{tuple(own[key].shape)}. The checkpoint was trained with a different class count or "
+                    "config (e.g. class-specific context, N_CTX, or another caption encoder); "
+                    "evaluate it with the config and classes it was trained with."
+                )
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"Checkpoint {path} does not match {type(module).__name__}: missing keys {missing}, "
+                f"unexpected keys {unexpected}. Was it trained with another trainer or config?"
+            )
+
+    def before_train(self) -> None:
+        directory = self.cfg.RESUME or self.cfg.OUTPUT_DIR
+        self.start_epoch = self.resume_model_if_exist(directory)
+        writer_dir = osp.join(self.output_dir, "tensorboard")
+        os.makedirs(writer_dir, exist_ok=True)
+        self.init_writer(writer_dir)
+        self.time_start = time.time()
