@@ -161,8 +161,15 @@ class PromptTrainer(TrainerX):
     # -- configuration ------------------------------------------------------------------------------------
     @property
     def prec(self) -> str:
+        """Effective precision: the configured ``PREC``; fp16/amp fall back to fp32 on CPU (with a warning)."""
         node = self.cfg.TRAINER.get(self.CONFIG_NODE) if self.CONFIG_NODE else None
-        return node.PREC if node is not None and "PREC" in node else "fp32"
+        prec = node.PREC if node is not None and "PREC" in node else "fp32"
+        if prec in ("fp16", "amp") and self.device.type == "cpu":
+            if not getattr(self, "_warned_prec", False):
+                logger.warning("PREC %s needs a GPU; running in fp32 on the CPU (bf16 also works on CPU).", prec)
+                self._warned_prec = True
+            return "fp32"
+        return prec
 
     def check_cfg(self, cfg: CN) -> None:
         node = cfg.TRAINER.get(self.CONFIG_NODE) if self.CONFIG_NODE else None
