@@ -11,10 +11,12 @@ Besides Dassl's ``log.txt`` it writes ``config.yaml`` and, after testing, ``resu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -43,8 +45,51 @@ class _CurrentStdoutHandler(logging.StreamHandler):
         pass
 
 
+class _Tee:
+    """Write-through copy of stdout into the run's log file."""
+
+    def __init__(self, console, log_file) -> None:
+        self.console, self.log_file = console, log_file
+
+    def write(self, text: str) -> int:
+        self.console.write(text)
+        self.log_file.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+        self.log_file.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def tee_stdout(output_dir: str):
+    """Copy stdout into ``<output_dir>/log.txt`` (Dassl's file name and behaviour: an existing log is kept and
+    the new one gets a time suffix); stdout is restored afterwards, so ``main`` can run several times in one
+    process (Dassl's own ``setup_logger`` closes the console when its logger is garbage-collected)."""
+    path = Path(output_dir) / "log.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path = path.with_name("log.txt" + time.strftime("-%Y-%m-%d-%H-%M-%S"))
+    console = sys.stdout
+    with open(path, "w") as fh:
+        sys.stdout = _Tee(console, fh)
+        try:
+            yield path
+        finally:
+            sys.stdout.flush()
+            sys.stdout = console
+
+
 def setup_logging() -> None:
-    """Route library logs (INFO and up) to the current stdout."""
+    """Route library logs (INFO and up) to the current stdout.
+
+    Importing Dassl calls ``logging.disable(logging.WARNING)`` (in its wilds module), which would silence every
+    INFO and WARNING record of this project; lift that global switch again.
+    """
+    logging.disable(logging.NOTSET)
     root = logging.getLogger()
     if not any(isinstance(h, _CurrentStdoutHandler) for h in root.handlers):
         handler = _CurrentStdoutHandler()
@@ -154,17 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("dassl") is None:
         sys.stderr.write(DASSL_INSTALL + "\n")
         return 2
-    from dassl.engine import build_trainer
-    from dassl.utils import collect_env_info, set_random_seed, setup_logger
-
     import datasets.remote_sensing  # noqa: F401  (registers the datasets)
 
     cfg = setup_cfg(args)
+    with tee_stdout(cfg.OUTPUT_DIR):
+        setup_logging()
+        return run(cfg, args)
+
+
+def run(cfg, args) -> int:
+    """Build the trainer from a frozen config and train and/or evaluate."""
+    import torch
+    from dassl.engine import build_trainer
+    from dassl.utils import collect_env_info, set_random_seed
+
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
-    setup_logger(cfg.OUTPUT_DIR)
-    setup_logging()
-    import torch
 
     if torch.cuda.is_available() and cfg.USE_CUDA:
         torch.backends.cudnn.benchmark = True

@@ -23,11 +23,13 @@ import logging
 import math
 import os
 import os.path as osp
+import random
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from clip.model import convert_weights
@@ -135,6 +137,29 @@ def load_checkpoint_file(path: Path) -> dict:
             "Checkpoints written by this project hold only tensors and numbers; a checkpoint from other code "
             "may hold pickled objects: re-save its 'state_dict' with torch.save."
         ) from exc
+
+
+def rng_state() -> dict:
+    """Random-number-generator states (torch, CUDA, Python, NumPy) as tensors and plain numbers."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(mt), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured, so a resumed run draws the same batches and augmentations."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def git_sha() -> str | None:
@@ -323,6 +348,7 @@ class PromptTrainer(TrainerX):
             "scheduler": sched.state_dict() if sched is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "val_result": None if val_result is None else float(val_result),
+            "rng": rng_state(),
         }
 
     def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
@@ -363,6 +389,8 @@ class PromptTrainer(TrainerX):
                 self._scheds[name].load_state_dict(ckpt["scheduler"])
             if self.scaler is not None and ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
+            if ckpt.get("rng"):
+                set_rng_state(ckpt["rng"])
             start_epoch = int(ckpt["epoch"])
             logger.info("Resumed %s from %s (continuing at epoch %d)", name, path, start_epoch + 1)
         return start_epoch
