@@ -1,0 +1,79 @@
+"""Dassl dataset classes for every catalogue row, plus the yaml-only ``ImageFolderRS``.
+
+Importing this module registers one ``DatasetBase`` subclass per :data:`datasets.catalog.CATALOG` key
+(the registry name is the key) and ``ImageFolderRS`` with Dassl's ``DATASET_REGISTRY``. Every instance
+has ``spec``, ``template`` (one ``{}``) and ``image_dir`` (absolute) attributes, and its ``Datum``
+class names are the display names that trainers put into prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dassl.data.datasets import DATASET_REGISTRY, DatasetBase, Datum
+
+from datasets.catalog import CATALOG, GENERIC_NAME, DatasetInfo, spec_from_cfg
+from datasets.splits import Item, few_shot, load_splits, subsample_classes
+
+logger = logging.getLogger(__name__)
+
+# Importing dassl.data.datasets runs `logging.disable(logging.WARNING)` (its wilds module), which would
+# hide every warning of the run, ours included (split mismatch allowed, ignored files). Undo only that.
+if logging.getLogger().manager.disable == logging.WARNING:
+    logging.disable(logging.NOTSET)
+
+
+class RemoteSensingDataset(DatasetBase):
+    """A scene-classification dataset laid out as ``<root>/<dir>/images/<class>/<file>``.
+
+    Reads the official split file (or the generated 49/21/30 split), draws ``DATASET.NUM_SHOTS`` shots
+    per class with ``SEED`` (cached, shared by base/new/all), then keeps ``DATASET.SUBSAMPLE_CLASSES``.
+    """
+
+    def __init__(self, cfg):
+        self.spec = spec_from_cfg(cfg)
+        self.dataset_dir = str(self.spec.dataset_dir)
+        self.image_dir = str(self.spec.image_dir)
+        self.template = self.spec.template
+        splits = load_splits(self.spec)
+        num_shots = int(cfg.DATASET.NUM_SHOTS)
+        if num_shots >= 1:
+            splits = few_shot(splits, num_shots, int(cfg.SEED), self.spec.fewshot_dir)
+        subsample = str(cfg.DATASET.get("SUBSAMPLE_CLASSES", "all"))
+        train, val, test = subsample_classes(splits["train"], splits["val"], splits["test"], subsample=subsample)
+        logger.info(
+            "%s: %d train / %d val / %d test images (%s classes, %s shots)",
+            self.spec.name, len(train), len(val), len(test), subsample, num_shots if num_shots >= 1 else "all",
+        )  # fmt: skip
+        super().__init__(train_x=self._datums(train), val=self._datums(val), test=self._datums(test))
+
+    def _datums(self, items: list[Item]) -> list[Datum]:
+        return [
+            Datum(impath=str(self.spec.image_dir / rel), label=label, classname=self.spec.display_name(cls))
+            for rel, label, cls in items
+        ]
+
+
+class ImageFolderRS(RemoteSensingDataset):
+    """Any folder of class sub-folders, configured entirely from yaml (see DATASETS.md).
+
+    Keys: ``DATASET.FOLDER`` (required), ``SPLIT_FILE``/``SPLIT_MD5`` (optional; otherwise a seeded
+    49/21/30 split is generated once), ``CLASSNAME_MAP`` (folder name -> prompt name), ``TEMPLATE``.
+    """
+
+
+def _dataset_class(info: DatasetInfo) -> type[RemoteSensingDataset]:
+    doc = (
+        f"{info.name}: {info.description}\n\n"
+        f"Classes ({info.num_classes}, label order): {', '.join(info.classnames)}.\n"
+        f"Source: {info.homepage or info.images_source}\nLicence: {info.license}\nCitation: {info.citation}\n"
+    )
+    return type(info.name, (RemoteSensingDataset,), {"__doc__": doc, "__module__": __name__})
+
+
+DATASET_CLASSES: dict[str, type[RemoteSensingDataset]] = {name: _dataset_class(info) for name, info in CATALOG.items()}
+DATASET_CLASSES[GENERIC_NAME] = ImageFolderRS
+
+for _name, _cls in DATASET_CLASSES.items():
+    if _name not in DATASET_REGISTRY.registered_names():
+        DATASET_REGISTRY.register(_cls)

@@ -1,0 +1,479 @@
+"""Benchmark: our exact fast path against the straightforward formulation, per trainer.
+
+    python -m tools.bench --trainers BiMoRS CoCoOp CoOp --backbone ViT-B/16 --batch 4 [--json bench.json]
+
+For each trainer the same model (random weights at the real architecture sizes; no download) runs two
+formulations on identical inputs and weights:
+
+- ``ours``: what the trainers run (one text-encoder call over B x C prompts, truncated after the longest
+  end-of-text token, ``[SOS] + context`` encoded once per image and shared by its classes, only the EOT row in
+  the last layer, scaled-dot-product attention, image encoder under ``no_grad``);
+- ``reference``: the published formulation (a loop over images, all 77 tokens through CLIP's stock text
+  transformer, image encoder under autograd), kept here as the yardstick.
+
+It reports the median time of a training step (forward + backward + SGD step) and of an evaluation batch after
+warm-up, images/s, the text-encoder part alone (prompts in, features out, forward + backward), peak memory
+(CUDA max allocated, or the RSS increase sampled during the step on CPU), FLOPs per step (torch's FLOP counter)
+and the achieved FLOP/s against the machine's measured fp32 (or bf16) matrix-multiply peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from clip.model import CLIP
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.backbone import build_toy_clip
+
+logger = logging.getLogger(__name__)
+
+#: CLIP architectures by OpenAI name: (embed_dim, image_resolution, vision_layers, vision_width, patch,
+#: context_length, vocab_size, text_width, text_heads, text_layers)
+ARCHS: dict[str, tuple[int, ...]] = {
+    "ViT-B/32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
+    "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
+    "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
+}
+CAPTION_DIM = 768  # bert-base-uncased
+
+
+def build_random_clip(backbone: str, seed: int = 0) -> CLIP:
+    """CLIP with random weights at the architecture sizes of ``backbone`` (or the toy backbone)."""
+    if backbone == "toy":
+        return build_toy_clip(seed)
+    if backbone not in ARCHS:
+        raise SystemExit(f"error: --backbone {backbone!r} unknown; choose one of {', '.join([*ARCHS, 'toy'])}")
+    torch.manual_seed(seed)
+    return CLIP(*ARCHS[backbone]).float().eval()
+
+
+def bench_classnames(spec: str) -> list[str]:
+    """Class names: a catalogue dataset's display names (``patternnet``) or ``N`` synthetic names."""
+    if spec.isdigit():
+        return [f"category {i}" for i in range(int(spec))]
+    from datasets.catalog import resolve_dataset
+
+    info = resolve_dataset(spec, root="/nonexistent")
+    names = [info.display_name(c) for c in info.classnames or ()]
+    if not names:
+        raise SystemExit(f"error: dataset {spec!r} has no class list in the catalogue; pass a number of classes")
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainers: how to build each model and its straightforward reference
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One trainer under benchmark."""
+
+    model: nn.Module
+    clip_model: CLIP
+    extras: Callable[[int], dict]  # batch size -> extra model inputs
+    reference: Callable[..., torch.Tensor]  # (images, **extras) -> logits, the straightforward formulation
+    prompts: Callable[..., torch.Tensor]  # (images, **extras) -> truncated prompts for the text-encoder timing
+
+
+def _full_length(clip_model: CLIP, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """Extend truncated prompts (..., L, D) to all 77 positions with the token embeddings of ``tokens``."""
+    rest = clip_model.token_embedding(tokens[:, prompts.shape[-2] :]).detach()
+    rest = rest.expand(*prompts.shape[:-2], *rest.shape[-2:])
+    return torch.cat([prompts, rest.to(prompts.dtype)], dim=-2)
+
+
+def stock_text(clip_model: CLIP, prompts: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """CLIP's stock text transformer over full 77-token prompts (C, 77, D) -> features (C, E)."""
+    x = clip_model.transformer((prompts + clip_model.positional_embedding).permute(1, 0, 2)).permute(1, 0, 2)
+    return clip_model.ln_final(x)[torch.arange(x.shape[0]), eot] @ clip_model.text_projection
+
+
+def _per_image_reference(clip_model, model, prefix_of, images, **extras) -> torch.Tensor:
+    """The published CoCoOp-style formulation: loop over images, 77 tokens, stock transformer."""
+    pieces = model.prompt_learner.prompts
+    rows = []
+    for b in range(images.shape[0]):
+        one = {k: v[b : b + 1] for k, v in extras.items()}
+        feats, prefix = prefix_of(images[b : b + 1], grad_image=True, **one)
+        n_cls = pieces.token_suffix.shape[0]
+        prompts = torch.cat([prefix.expand(n_cls, -1, -1), pieces.token_suffix.to(prefix.dtype)], dim=1)
+        text = stock_text(clip_model, _full_length(clip_model, pieces.tokens, prompts), pieces.eot)
+        rows.append(model.logit_scale.exp() * feats @ F.normalize(text, dim=-1).t())
+    return torch.cat(rows)
+
+
+def make_bimors(clip_model: CLIP, classnames: list[str]) -> Case:
+    from models.bimors import BiMoRSModel
+
+    model = BiMoRSModel(clip_model, classnames, caption_dim=CAPTION_DIM)
+
+    def prefix_of(images, captions, grad_image=False):
+        ctx_grad = contextlib.nullcontext() if grad_image else torch.no_grad()
+        with ctx_grad:
+            feats, tokens = model.visual(images)
+        ctx = model.prompt_learner(tokens, captions)
+        return F.normalize(feats, dim=-1), model.prompt_learner.prompts.prefix(ctx)
+
+    def prompts(images, captions):
+        _, prefix = prefix_of(images, captions)
+        return prefix
+
+    return Case(
+        model=model,
+        clip_model=clip_model,
+        extras=lambda b: {"captions": torch.randn(b, CAPTION_DIM, generator=torch.Generator().manual_seed(b))},
+        reference=lambda images, **ex: _per_image_reference(clip_model, model, prefix_of, images, **ex),
+        prompts=prompts,
+    )
+
+
+def make_cocoop(clip_model: CLIP, classnames: list[str]) -> Case:
+    from models.cocoop import CoCoOpModel
+
+    model = CoCoOpModel(clip_model, classnames, n_ctx=4, ctx_init="a photo of a")
+
+    def prefix_of(images, grad_image=False):
+        ctx_grad = contextlib.nullcontext() if grad_image else torch.no_grad()
+        with ctx_grad:
+            feats, _ = model.visual(images)
+        feats = F.normalize(feats, dim=-1)
+        return feats, model.prompt_learner(feats)
+
+    return Case(
+        model=model,
+        clip_model=clip_model,
+        extras=lambda b: {},
+        reference=lambda images, **ex: _per_image_reference(clip_model, model, prefix_of, images, **ex),
+        prompts=lambda images: prefix_of(images)[1],
+    )
+
+
+def make_coop(clip_model: CLIP, classnames: list[str]) -> Case:
+    from models.coop import CoOpModel
+
+    model = CoOpModel(clip_model, classnames, n_ctx=16, ctx_init="")
+
+    def reference(images):
+        feats, _ = model.visual(images)  # under autograd, as upstream
+        learner = model.prompt_learner
+        prompts = _full_length(clip_model, learner.prompts.tokens, learner())
+        text = stock_text(clip_model, prompts, learner.prompts.eot)
+        return model.logit_scale.exp() * F.normalize(feats, dim=-1) @ F.normalize(text, dim=-1).t()
+
+    return Case(model=model, clip_model=clip_model, extras=lambda b: {}, reference=reference,
+                prompts=lambda images: model.prompt_learner())
+
+
+CASES: dict[str, Callable[[CLIP, list[str]], Case]] = {"BiMoRS": make_bimors, "CoCoOp": make_cocoop, "CoOp": make_coop}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory increase during a block: CUDA max allocated, or sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base, self._max, self._stop = self._rss(), self._rss(), threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._max, self._rss()) - self._base
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(
+    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, count: Callable[[], object] | None = None
+) -> tuple[list[float], int, int]:
+    """Run ``fn`` ``warmup`` times (the first under the FLOP counter) then ``repeats`` timed times.
+
+    ``count`` (default ``fn``) is what the FLOP counter runs: torch's counter cannot track modules under
+    ``no_grad``, so evaluation FLOPs are counted on the same forward with autograd enabled (same operations).
+    Returns the timings (s), the FLOPs of one call and the peak memory increase of one call (bytes).
+    """
+    with FlopCounterMode(display=False) as counter:
+        (count or fn)()
+    flops = counter.get_total_flops()
+    for _ in range(max(0, warmup - 1)):
+        fn()
+    times = []
+    with PeakMemory(device) as mem:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    for _ in range(repeats - 1):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times, flops, mem.peak
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """Measured matrix-multiply throughput (FLOP/s) of this machine for ``dtype``."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+@dataclass
+class Result:
+    """Measurements of one formulation of one trainer."""
+
+    trainer: str
+    formulation: str
+    train_step_s: float
+    eval_batch_s: float
+    text_s: float
+    train_images_per_s: float
+    eval_images_per_s: float
+    train_flops: int
+    eval_flops: int
+    train_flops_per_s: float
+    train_peak_bytes: int
+    eval_peak_bytes: int
+    seq_len: int
+    train_times: list[float] = field(default_factory=list)
+
+
+def run_case(
+    name: str, case: Case, batch: int, device: torch.device, prec: str, warmup: int, repeats: int
+) -> tuple[list[Result], float]:
+    """Benchmark both formulations of one trainer; returns results and the max |logit difference|."""
+    model = case.model.to(device)
+    case.clip_model.to(device)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, 224, 224, generator=gen).to(device)
+    n_cls = model.prompt_learner.prompts.token_suffix.shape[0]
+    labels = torch.randint(0, n_cls, (batch,), generator=gen).to(device)
+    extras = {k: v.to(device) for k, v in case.extras(batch).items()}
+    params = [p for p in model.prompt_learner.parameters() if p.requires_grad]
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if prec == "bf16"
+        else torch.autocast(device.type, dtype=torch.float16)
+        if prec == "amp"
+        else contextlib.nullcontext()
+    )
+    with torch.no_grad():
+        diff = (model(images, **extras).float() - case.reference(images, **extras).float()).abs().max().item()
+    seq_len = int(model.prompt_learner.prompts.seq_len)
+    results = []
+    for formulation, forward in (("ours", model.forward), ("reference", case.reference)):
+        optimizer = torch.optim.SGD(params, lr=1e-6)
+
+        def train_step(forward=forward, optimizer=optimizer):
+            with autocast:
+                loss = F.cross_entropy(forward(images, **extras).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        def eval_batch(forward=forward):
+            with torch.no_grad(), autocast:
+                forward(images, **extras)
+
+        def eval_forward(forward=forward):
+            with autocast:
+                forward(images, **extras)
+
+        def text_part(text_fn=_text_ours if formulation == "ours" else _text_reference):
+            with autocast:
+                prompts = case.prompts(images, **extras).detach().requires_grad_(True)
+                text = text_fn(case, prompts)
+            text.float().sum().backward()
+
+        logger.info("%s / %s: training step", name, formulation)
+        t_train, f_train, m_train = timed(train_step, device, warmup, repeats)
+        logger.info("%s / %s: evaluation batch", name, formulation)
+        t_eval, f_eval, m_eval = timed(eval_batch, device, warmup, repeats, count=eval_forward)
+        logger.info("%s / %s: text encoder", name, formulation)
+        t_text, _, _ = timed(text_part, device, warmup, repeats)
+        train_s, eval_s = statistics.median(t_train), statistics.median(t_eval)
+        results.append(
+            Result(
+                trainer=name,
+                formulation=formulation,
+                train_step_s=train_s,
+                eval_batch_s=eval_s,
+                text_s=statistics.median(t_text),
+                train_images_per_s=batch / train_s,
+                eval_images_per_s=batch / eval_s,
+                train_flops=f_train,
+                eval_flops=f_eval,
+                train_flops_per_s=f_train / train_s,
+                train_peak_bytes=m_train,
+                eval_peak_bytes=m_eval,
+                seq_len=seq_len if formulation == "ours" else 77,
+                train_times=t_train,
+            )
+        )
+    return results, diff
+
+
+def _text_ours(case: Case, prompts: torch.Tensor) -> torch.Tensor:
+    """Our text path for truncated prompts: shared prefix (B, P, D) or class prompts (C, L, D)."""
+    pieces = case.model.prompt_learner.prompts
+    encoder = getattr(case.model, "text", None) or case.model.text_encoder
+    if prompts.shape[-2] == pieces.seq_len:  # full class prompts (CoOp)
+        return encoder(prompts, pieces.eot)
+    return encoder.forward_shared_prefix(prompts, pieces.token_suffix.to(prompts.dtype), pieces.eot)
+
+
+def _text_reference(case: Case, prompts: torch.Tensor) -> torch.Tensor:
+    """The straightforward text path: per image, 77 tokens, stock transformer."""
+    pieces = case.model.prompt_learner.prompts
+    clip_model = case.clip_model
+    if prompts.shape[-2] == pieces.seq_len:
+        return stock_text(clip_model, _full_length(clip_model, pieces.tokens, prompts), pieces.eot)
+    n_cls = pieces.token_suffix.shape[0]
+    out = []
+    for prefix in prompts:
+        full = torch.cat([prefix.expand(n_cls, -1, -1), pieces.token_suffix.to(prefix.dtype)], dim=1)
+        out.append(stock_text(clip_model, _full_length(clip_model, pieces.tokens, full), pieces.eot))
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------
+def render(results: list[Result], diffs: dict[str, float], peak: float, header: dict) -> str:
+    """Markdown table of both formulations per trainer and their ratios."""
+    mb = 1024**2
+    lines = [
+        f"Machine: {header['machine']}; device {header['device']}, {header['prec']}, backbone {header['backbone']}, "
+        f"{header['classes']} classes, batch {header['batch']}; measured matmul peak {peak / 1e9:.1f} GFLOP/s",
+        "",
+        "| trainer | formulation | seq len | train step (s) | eval batch (s) | text fwd+bwd (s) | train img/s | "
+        "eval img/s | GFLOP/step | GFLOP/s (% of peak) | peak mem train (MB) | peak mem eval (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.trainer} | {r.formulation} | {r.seq_len} | {r.train_step_s:.3f} | {r.eval_batch_s:.3f} | "
+            f"{r.text_s:.3f} | {r.train_images_per_s:.2f} | {r.eval_images_per_s:.2f} | {r.train_flops / 1e9:.1f} | "
+            f"{r.train_flops_per_s / 1e9:.1f} ({100 * r.train_flops_per_s / peak:.0f}%) | "
+            f"{r.train_peak_bytes / mb:.0f} | {r.eval_peak_bytes / mb:.0f} |"
+        )
+    lines += ["", "| trainer | train speed-up | eval speed-up | text speed-up | FLOP ratio | memory ratio | max logit diff |",
+              "|---|---|---|---|---|---|---|"]
+    by_key = {(r.trainer, r.formulation): r for r in results}
+    for trainer in dict.fromkeys(r.trainer for r in results):
+        ours, ref = by_key[(trainer, "ours")], by_key[(trainer, "reference")]
+        mem = ref.train_peak_bytes / ours.train_peak_bytes if ours.train_peak_bytes > 0 else float("inf")
+        lines.append(
+            f"| {trainer} | {ref.train_step_s / ours.train_step_s:.2f}x | {ref.eval_batch_s / ours.eval_batch_s:.2f}x | "
+            f"{ref.text_s / ours.text_s:.2f}x | {ref.train_flops / max(ours.train_flops, 1):.2f}x | {mem:.2f}x | "
+            f"{diffs[trainer]:.2e} |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trainers", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--backbone", default="ViT-B/16", help=f"{', '.join(ARCHS)} or toy (random weights)")
+    p.add_argument("--dataset-classes", default="patternnet", help="catalogue dataset for class names, or a number")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prec", default="fp32", choices=["fp32", "amp", "bf16"])
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs (the first also counts FLOPs)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    p.add_argument("--json", type=Path, help="also write the results as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the table."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
+    classnames = bench_classnames(args.dataset_classes)
+    peak_dtype = torch.bfloat16 if args.prec == "bf16" else torch.float16 if args.prec == "amp" else torch.float32
+    peak = matmul_peak(device, peak_dtype)
+    logger.info("Matrix-multiply peak (%s): %.1f GFLOP/s", peak_dtype, peak / 1e9)
+    results, diffs = [], {}
+    for name in args.trainers:
+        clip_model = build_random_clip(args.backbone)
+        case = CASES[name](clip_model, classnames)
+        res, diffs[name] = run_case(name, case, args.batch, device, args.prec, args.warmup, args.repeats)
+        results += res
+        del case, clip_model
+        gc.collect()
+    header = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        "device": str(device), "prec": args.prec, "backbone": args.backbone, "classes": len(classnames),
+        "batch": args.batch,
+    }
+    sys.stdout.write(render(results, diffs, peak, header) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps({**header, "matmul_peak_flops": peak, "max_logit_diff": diffs,
+                                         "results": [asdict(r) for r in results]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
