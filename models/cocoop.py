@@ -1,0 +1,83 @@
+"""CoCoOp (Zhou et al., CVPR 2022): context vectors shifted per image by a meta-net on the image feature.
+
+For image b the prompts are ``[SOS] (ctx + pi_b) <classname> . [EOS]`` with ``pi_b = meta_net(f_b)`` and
+``f_b`` the normalised image feature (Linear(E, E/16) -> ReLU -> Linear(E/16, D)). Every image has its own
+C class prompts, so the text encoder sees B x C prompts. They go through one encoder call on the truncated
+sequence, and ``[SOS] + ctx'`` (class independent) is encoded once per image and shared by its C class
+suffixes (:meth:`models.backbone.TextEncoder.forward_shared_prefix`); both are exact (DESIGN.md section 7).
+
+State-dict keys of ``prompt_learner`` are upstream's (``ctx``, ``meta_net.linear1.weight``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.backbone import TextEncoder, VisualEncoder, freeze
+from models.prompts import ClassPrompts, init_context
+
+logger = logging.getLogger(__name__)
+
+
+def meta_net(in_dim: int, out_dim: int, reduction: int = 16) -> nn.Sequential:
+    """CoCoOp's meta-net: Linear(in, in/16) -> ReLU -> Linear(in/16, out), with upstream module names."""
+    hidden = in_dim // reduction
+    layers = [
+        ("linear1", nn.Linear(in_dim, hidden)),
+        ("relu", nn.ReLU(inplace=True)),
+        ("linear2", nn.Linear(hidden, out_dim)),
+    ]
+    return nn.Sequential(OrderedDict(layers))
+
+
+class CoCoOpPromptLearner(nn.Module):
+    """Learnable ``ctx`` (n_ctx, D) and ``meta_net``; frozen class prompt pieces in ``prompts``."""
+
+    def __init__(
+        self, clip_model: nn.Module, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str = ""
+    ) -> None:
+        super().__init__()
+        vectors, prefix_text = init_context(clip_model, n_ctx, ctx_init)
+        n_ctx = vectors.shape[-2]
+        logger.info('CoCoOp: initial context "%s" (%d tokens)', prefix_text, n_ctx)
+        self.ctx = nn.Parameter(vectors)
+        vis_dim = clip_model.visual.output_dim
+        self.meta_net = meta_net(vis_dim, self.ctx.shape[-1])
+        self.prompts = ClassPrompts(clip_model, classnames, n_ctx)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Per-image prompt prefixes ``[SOS] + ctx + pi_b`` (B, 1 + n_ctx, D) for normalised features (B, E)."""
+        bias = self.meta_net(image_features.to(self.ctx.dtype))
+        return self.prompts.prefix(self.ctx.unsqueeze(0) + bias.unsqueeze(1))
+
+
+class CoCoOpModel(nn.Module):
+    """CLIP with CoCoOp's instance-conditioned prompts: ``forward(images) -> logits (B, C)``."""
+
+    def __init__(
+        self, clip_model: nn.Module, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str = ""
+    ) -> None:
+        super().__init__()
+        freeze(clip_model)
+        self.prompt_learner = CoCoOpPromptLearner(clip_model, classnames, n_ctx, ctx_init)
+        self.text_encoder = TextEncoder(clip_model)
+        self.visual = VisualEncoder(clip_model)
+        self.logit_scale = clip_model.logit_scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C)."""
+        with torch.no_grad():
+            feats, _ = self.visual(images)
+        feats = F.normalize(feats.float(), dim=-1)
+        prefix = self.prompt_learner(feats)
+        pieces = self.prompt_learner.prompts
+        suffix = pieces.token_suffix.to(prefix.dtype)
+        text = self.text_encoder.forward_shared_prefix(prefix, suffix, pieces.eot)  # (B, C, E)
+        text = F.normalize(text.float(), dim=-1)
+        return self.logit_scale.exp().float() * torch.einsum("be,bce->bc", feats, text)

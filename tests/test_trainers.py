@@ -1,0 +1,241 @@
+"""Every registered prompt trainer through Dassl on ToyRS with the toy backbone (parametrised over the registry).
+
+A new trainer is covered by registering it; one that needs inputs these generic tests cannot make (caption
+vectors) sets ``NEEDS_CAPTIONS = True`` and is skipped here (its own tests cover it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+from conftest import HAVE_DASSL, REPO_ROOT, requires_dassl
+
+pytestmark = [requires_dassl]
+if HAVE_DASSL:
+    from dassl.engine import TRAINER_REGISTRY, build_trainer
+    from dassl.utils.logger import Logger
+
+    import datasets.remote_sensing  # noqa: F401  (registers the datasets)
+    import train
+    import trainers  # noqa: F401  (registers the trainers)
+    from datasets import toyrs
+    from trainers.base import PromptTrainer
+
+TOYRS_CFG = str(REPO_ROOT / "configs/datasets/toyrs.yaml")
+FAST = ["MODEL.BACKBONE.NAME", "toy", "DATASET.NUM_SHOTS", "2", "DATALOADER.NUM_WORKERS", "0",
+        "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DATALOADER.TEST.BATCH_SIZE", "48", "OPTIM.MAX_EPOCH", "1"]
+
+
+def _registered() -> list:
+    if not HAVE_DASSL:
+        return []
+    params = []
+    for name in sorted(TRAINER_REGISTRY.registered_names()):
+        cls = TRAINER_REGISTRY.get(name)
+        if not issubclass(cls, PromptTrainer):
+            continue  # Dassl's own trainers
+        marks = [pytest.mark.skip(reason=f"{name} needs caption vectors")] if getattr(cls, "NEEDS_CAPTIONS", False) else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+TRAINERS = _registered()
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    """A small ToyRS (12 images per class: 6 train / 2 val / 4 test), so every run here takes seconds."""
+    root = tmp_path_factory.mktemp("toyrs")
+    toyrs.generate(root / "ToyRS" / "images", per_class=12, progress=False)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_stdout():
+    """train.main() lets Dassl replace sys.stdout with a tee into log.txt; undo it after each test.
+
+    A Dassl ``Logger`` closes its console when garbage collected, which would close pytest's capture
+    stream: detach each one from the console before dropping it.
+    """
+    saved = sys.stdout
+    yield
+    current, sys.stdout = sys.stdout, saved
+    while current is not saved and isinstance(current, Logger):
+        if current.file is not None:
+            current.file.close()
+            current.file = None
+        current.console, current = io.StringIO(), current.console
+
+
+def config_file(trainer: str) -> str | None:
+    """The trainer's ViT-B/16 config (first by name), so the shipped yaml files are exercised; None if it has none."""
+    files = sorted((REPO_ROOT / "configs" / "trainers" / trainer).glob("*.yaml"))
+    vit = [f for f in files if f.name.startswith("vit_b16")]
+    return str((vit or files)[0]) if files else None
+
+
+def argv(root, out, trainer: str, *opts: str, eval_only: bool = False, model_dir=None, epoch=None) -> list[str]:
+    """train.py arguments for a fast toy run (fp32; the shipped configs say fp16)."""
+    args = ["--root", str(root), "--seed", "1", "--trainer", trainer, "--dataset-config-file", TOYRS_CFG,
+            "--output-dir", str(out)]  # fmt: skip
+    cfg = config_file(trainer)
+    if cfg:
+        args += ["--config-file", cfg]
+    if eval_only:
+        args.append("--eval-only")
+        args += ["--model-dir", str(model_dir)] if model_dir else []
+        args += ["--load-epoch", str(epoch)] if epoch else []
+    node = TRAINER_REGISTRY.get(trainer).CONFIG_NODE
+    prec = [f"TRAINER.{node}.PREC", "fp32"] if node else []
+    return args + FAST + prec + list(opts)
+
+
+def build(root, out, trainer: str, *opts: str):
+    """A trainer built as train.main builds it (same config path)."""
+    cfg = train.setup_cfg(train.build_parser().parse_args(argv(root, out, trainer, *opts)))
+    torch.manual_seed(0)
+    return build_trainer(cfg)
+
+
+def first_batch(trainer, loader="test"):
+    batch = next(iter(trainer.test_loader if loader == "test" else trainer.train_loader_x))
+    return trainer.parse_batch(batch)
+
+
+def learnable(trainer) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------ registry-wide
+@pytest.mark.parametrize("name", TRAINERS)
+def test_one_training_step_changes_only_learnable_parameters(name, toy_root, tmp_path):
+    trainer = build(toy_root, tmp_path, name, "OPTIM.WARMUP_EPOCH", "0")
+    learn = learnable(trainer)
+    if getattr(trainer.model, "prompt_learner", None) is None:
+        assert not learn, f"{name} has no prompt_learner but learnable parameters {sorted(learn)}"
+        pytest.skip(f"{name} learns nothing")
+    assert learn and all(n.startswith("prompt_learner.") for n in learn)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.set_model_mode("train")
+    trainer.batch_idx, trainer.num_batches = 0, 2
+    batch = next(iter(trainer.train_loader_x))
+    summary = trainer.forward_backward(batch)
+    assert torch.isfinite(torch.tensor(summary["loss"]))
+    for n, p in trainer.model.named_parameters():
+        if n in learn:
+            assert not torch.equal(p.detach(), before[n]), f"learnable {n} did not change"
+        else:
+            assert torch.equal(p.detach(), before[n]), f"frozen {n} changed"
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_eval_forward_shapes(name, toy_root, tmp_path):
+    trainer = build(toy_root, tmp_path, name, "DATASET.SUBSAMPLE_CLASSES", "base")
+    images, labels, extras = first_batch(trainer)
+    logits = trainer.model_inference(images, **extras)
+    assert logits.shape == (images.shape[0], 4) and logits.dtype == torch.float32  # ToyRS base half: 4 classes
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_save_then_reload_gives_identical_logits(name, toy_root, tmp_path):
+    trainer = build(toy_root, tmp_path / "train", name)
+    if trainer.model.prompt_learner is None:
+        pytest.skip(f"{name} has no weights to save")
+    with torch.no_grad():  # stands in for training
+        for p in learnable(trainer).values():
+            p.add_(0.1 * torch.randn_like(p))
+    trainer.save_model(0, str(tmp_path / "train"))
+    images, _, extras = first_batch(trainer)
+    expected = trainer.model_inference(images, **extras)
+
+    fresh = build(toy_root, tmp_path / "eval", name)
+    images_b, _, extras_b = first_batch(fresh)
+    assert torch.equal(images_b, images)
+    assert not torch.equal(fresh.model_inference(images_b, **extras_b), expected)
+    fresh.load_model(str(tmp_path / "train"), epoch=1)
+    assert torch.equal(fresh.model_inference(images_b, **extras_b), expected)
+
+
+@pytest.mark.parametrize("name", TRAINERS)
+def test_train_one_epoch_then_eval_only_reproduces_results(name, toy_root, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(argv(toy_root, out, name, "DATASET.SUBSAMPLE_CLASSES", "base")) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["trainer"] == name and result["subsample"] == "base" and len(result["per_class"]) == 4
+    assert "* accuracy:" in (out / "log.txt").read_text()
+    if not TRAINER_REGISTRY.get(name).CONFIG_NODE:
+        return  # zero-shot: nothing learned, nothing to reload
+    ckpt = torch.load(out / "prompt_learner" / "model.pth.tar-1", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["state_dict"]
+    evaluated = tmp_path / "eval"
+    assert train.main(argv(toy_root, evaluated, name, "DATASET.SUBSAMPLE_CLASSES", "base", eval_only=True,
+                           model_dir=out, epoch=1)) == 0  # fmt: skip
+    again = json.loads((evaluated / "results.json").read_text())
+    assert again["epoch"] == 1 and again["accuracy"] == result["accuracy"] and again["per_class"] == result["per_class"]
+
+
+# ------------------------------------------------------------------------------------------ upstream checkpoints
+def _upstream_state(name: str, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict laid out as the upstream project saves it (class-dependent buffers included)."""
+    junk = {"token_prefix": torch.zeros(100, 1, 64), "token_suffix": torch.zeros(100, 60, 64)}
+    state = {k: torch.randn_like(v) for k, v in ours.items()} | junk
+    if name == "MaPLe":  # upstream registers the whole model: prompt_learner.* plus the frozen CLIP weights
+        state = {f"prompt_learner.{k}": v for k, v in state.items()}
+        state |= {"image_encoder.conv1.weight": torch.zeros(1), "logit_scale": torch.zeros(())}
+    return state
+
+
+@pytest.mark.parametrize("name", ["CoOp", "CoCoOp", "MaPLe"])
+def test_upstream_checkpoint_layout_loads(name, toy_root, tmp_path):
+    trainer = build(toy_root, tmp_path / "out", name)
+    ours = trainer.model.prompt_learner.state_dict()
+    upstream = _upstream_state(name, ours)
+    folder = tmp_path / "released" / "prompt_learner"
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": upstream, "epoch": 5}, folder / "model.pth.tar-5")
+    trainer.load_model(str(tmp_path / "released"), epoch=5)
+    loaded = trainer.model.prompt_learner.state_dict()
+    prefix = "prompt_learner." if name == "MaPLe" else ""
+    for key in ours:
+        assert torch.equal(loaded[key], upstream[prefix + key]), key
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_unknown_trainer_lists_the_names(toy_root, tmp_path):
+    args = argv(toy_root, tmp_path, "CoOp")
+    args[args.index("CoOp")] = "CoOpp"
+    with pytest.raises(ValueError) as err:
+        train.main(args)
+    assert "CoOpp" in str(err.value) and all(n in str(err.value) for n in ("CoOp", "CoCoOp", "MaPLe"))
+
+
+def test_unknown_config_key_names_the_file(toy_root, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("TRAINER:\n  COOP:\n    N_CTXX: 4\n")
+    args = argv(toy_root, tmp_path / "out", "CoOp")
+    args[args.index("--config-file") + 1] = str(bad)
+    with pytest.raises(SystemExit) as err:
+        train.main(args)
+    assert str(bad) in str(err.value) and "N_CTXX" in str(err.value)
+
+
+def test_eval_only_without_checkpoint_names_folder_and_file(toy_root, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        train.main(argv(toy_root, tmp_path / "out", "CoCoOp", eval_only=True, model_dir=tmp_path / "empty", epoch=3))
+    assert str(tmp_path / "empty" / "prompt_learner") in str(err.value) and "model.pth.tar-3" in str(err.value)
+
+
+def test_class_count_mismatch_is_a_clear_error(toy_root, tmp_path):
+    """Class-specific CoOp context trained on the 8 ToyRS classes cannot be evaluated on the 4 base classes."""
+    trainer = build(toy_root, tmp_path / "train", "CoOp", "TRAINER.COOP.CSC", "True")
+    assert trainer.model.prompt_learner.ctx.shape[0] == 8
+    trainer.save_model(0, str(tmp_path / "train"))
+    with pytest.raises(ValueError, match=r"'ctx' has shape \(8, 16, 64\).*\(4, 16, 64\).*class count"):
+        train.main(argv(toy_root, tmp_path / "eval", "CoOp", "TRAINER.COOP.CSC", "True",
+                        "DATASET.SUBSAMPLE_CLASSES", "base", eval_only=True, model_dir=tmp_path / "train", epoch=1))
