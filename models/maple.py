@@ -151,9 +151,7 @@ class MaPLeModel(nn.Module):
         """Image features (B, E) with ``shallow`` (n, Dv) appended after the positional embedding."""
         vis = self.visual.visual
         n_ctx = shallow.shape[0]
-        x = vis.conv1(images.to(self.visual.dtype)).flatten(2).transpose(1, 2)
-        cls = vis.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + vis.positional_embedding.to(x.dtype)
+        x = self.visual.embed(images)
         x = torch.cat([x, shallow.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
         x = vis.ln_pre(x)
         for i, block in enumerate(vis.transformer.resblocks):
@@ -161,8 +159,7 @@ class MaPLeModel(nn.Module):
                 prompt = deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
                 x = torch.cat([x[:, : x.shape[1] - n_ctx], prompt], dim=1)
             x = residual_block(block, x)
-        feats = vis.ln_post(x[:, 0])
-        return feats @ vis.proj if vis.proj is not None else feats
+        return self.visual.head(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (B, C)."""

@@ -1,23 +1,20 @@
 """Every registered prompt trainer through Dassl on ToyRS with the toy backbone (parametrised over the registry).
 
-A new trainer is covered by registering it; one that needs inputs these generic tests cannot make (caption
-vectors) sets ``NEEDS_CAPTIONS = True`` and is skipped here (its own tests cover it).
+A new trainer is covered by registering it; one that reads caption vectors sets ``NEEDS_CAPTIONS = True``
+and gets a caption store of random vectors (named after the toy captioner and encoder) here.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 
 import pytest
 import torch
-from conftest import HAVE_DASSL, REPO_ROOT, requires_dassl
+from conftest import HAVE_DASSL, REPO_ROOT, requires_dassl, write_random_caption_store
 
 pytestmark = [requires_dassl]
 if HAVE_DASSL:
     from dassl.engine import TRAINER_REGISTRY, build_trainer
-    from dassl.utils.logger import Logger
 
     import datasets.remote_sensing  # noqa: F401  (registers the datasets)
     import train
@@ -38,8 +35,7 @@ def _registered() -> list:
         cls = TRAINER_REGISTRY.get(name)
         if not issubclass(cls, PromptTrainer):
             continue  # Dassl's own trainers
-        marks = [pytest.mark.skip(reason=f"{name} needs caption vectors")] if getattr(cls, "NEEDS_CAPTIONS", False) else []
-        params.append(pytest.param(name, marks=marks, id=name))
+        params.append(pytest.param(name, id=name))
     return params
 
 
@@ -51,24 +47,8 @@ def toy_root(tmp_path_factory):
     """A small ToyRS (12 images per class: 6 train / 2 val / 4 test), so every run here takes seconds."""
     root = tmp_path_factory.mktemp("toyrs")
     toyrs.generate(root / "ToyRS" / "images", per_class=12, progress=False)
+    write_random_caption_store(root)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _restore_stdout():
-    """train.main() lets Dassl replace sys.stdout with a tee into log.txt; undo it after each test.
-
-    A Dassl ``Logger`` closes its console when garbage collected, which would close pytest's capture
-    stream: detach each one from the console before dropping it.
-    """
-    saved = sys.stdout
-    yield
-    current, sys.stdout = sys.stdout, saved
-    while current is not saved and isinstance(current, Logger):
-        if current.file is not None:
-            current.file.close()
-            current.file = None
-        current.console, current = io.StringIO(), current.console
 
 
 def config_file(trainer: str) -> str | None:
@@ -89,8 +69,11 @@ def argv(root, out, trainer: str, *opts: str, eval_only: bool = False, model_dir
         args.append("--eval-only")
         args += ["--model-dir", str(model_dir)] if model_dir else []
         args += ["--load-epoch", str(epoch)] if epoch else []
-    node = TRAINER_REGISTRY.get(trainer).CONFIG_NODE
+    cls = TRAINER_REGISTRY.get(trainer)
+    node = cls.CONFIG_NODE
     prec = [f"TRAINER.{node}.PREC", "fp32"] if node else []
+    if getattr(cls, "NEEDS_CAPTIONS", False):
+        prec += [f"TRAINER.{node}.CAPTIONER", "toy-blip2", f"TRAINER.{node}.CAPTION_ENCODER", "toy-bert"]
     return args + FAST + prec + list(opts)
 
 

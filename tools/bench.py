@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import logging
@@ -186,6 +187,14 @@ CASES: dict[str, Callable[[CLIP, list[str]], Case]] = {"BiMoRS": make_bimors, "C
 # ----------------------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------------------
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``) so that RSS tracks live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS deltas are then lower bounds
+        pass
+
+
 class PeakMemory:
     """Peak memory increase during a block: CUDA max allocated, or sampled RSS on CPU."""
 
@@ -199,6 +208,7 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         gc.collect()
+        _release_free_memory()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -230,18 +240,26 @@ def _sync(device: torch.device) -> None:
 
 
 def timed(
-    fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, count: Callable[[], object] | None = None
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    count: Callable[[], object] | None | bool = None,
 ) -> tuple[list[float], int, int]:
     """Run ``fn`` ``warmup`` times (the first under the FLOP counter) then ``repeats`` timed times.
 
     ``count`` (default ``fn``) is what the FLOP counter runs: torch's counter cannot track modules under
-    ``no_grad``, so evaluation FLOPs are counted on the same forward with autograd enabled (same operations).
+    ``no_grad``, so evaluation FLOPs are counted on the same forward with autograd enabled (same operations);
+    ``False`` counts nothing (and the first run is then an ordinary warm-up run).
     Returns the timings (s), the FLOPs of one call and the peak memory increase of one call (bytes).
     """
-    with FlopCounterMode(display=False) as counter:
-        (count or fn)()
-    flops = counter.get_total_flops()
-    for _ in range(max(0, warmup - 1)):
+    flops = 0
+    if count is not False:
+        with FlopCounterMode(display=False) as counter:
+            (count or fn)()
+        flops = counter.get_total_flops()
+        warmup -= 1
+    for _ in range(max(0, warmup)):
         fn()
     times = []
     with PeakMemory(device) as mem:
@@ -259,20 +277,22 @@ def timed(
     return times, flops, mem.peak
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """Measured matrix-multiply throughput (FLOP/s) of this machine for ``dtype``."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072),
+                repeats: int = 8) -> float:
+    """Measured matrix-multiply throughput (FLOP/s) of this machine for ``dtype``: the best square product."""
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        for _ in range(2):
+            a @ b
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
 
 
 @dataclass
@@ -296,7 +316,14 @@ class Result:
 
 
 def run_case(
-    name: str, case: Case, batch: int, device: torch.device, prec: str, warmup: int, repeats: int
+    name: str,
+    case: Case,
+    batch: int,
+    device: torch.device,
+    prec: str,
+    warmup: int,
+    repeats: int,
+    ref_repeats: int,
 ) -> tuple[list[Result], float]:
     """Benchmark both formulations of one trainer; returns results and the max |logit difference|."""
     model = case.model.to(device)
@@ -317,6 +344,8 @@ def run_case(
     with torch.no_grad():
         diff = (model(images, **extras).float() - case.reference(images, **extras).float()).abs().max().item()
     seq_len = int(model.prompt_learner.prompts.seq_len)
+    with torch.no_grad(), autocast:  # the text-encoder timing starts from ready prompts
+        text_inputs = case.prompts(images, **extras)
     results = []
     for formulation, forward in (("ours", model.forward), ("reference", case.reference)):
         optimizer = torch.optim.SGD(params, lr=1e-6)
@@ -337,17 +366,18 @@ def run_case(
                 forward(images, **extras)
 
         def text_part(text_fn=_text_ours if formulation == "ours" else _text_reference):
+            prompts = text_inputs.detach().requires_grad_(True)
             with autocast:
-                prompts = case.prompts(images, **extras).detach().requires_grad_(True)
                 text = text_fn(case, prompts)
             text.float().sum().backward()
 
+        reps = repeats if formulation == "ours" else ref_repeats
         logger.info("%s / %s: training step", name, formulation)
-        t_train, f_train, m_train = timed(train_step, device, warmup, repeats)
+        t_train, f_train, m_train = timed(train_step, device, warmup, reps)
         logger.info("%s / %s: evaluation batch", name, formulation)
-        t_eval, f_eval, m_eval = timed(eval_batch, device, warmup, repeats, count=eval_forward)
+        t_eval, f_eval, m_eval = timed(eval_batch, device, warmup, reps, count=eval_forward)
         logger.info("%s / %s: text encoder", name, formulation)
-        t_text, _, _ = timed(text_part, device, warmup, repeats)
+        t_text, _, _ = timed(text_part, device, warmup if formulation == "ours" else 0, reps, count=False)
         train_s, eval_s = statistics.median(t_train), statistics.median(t_eval)
         results.append(
             Result(
@@ -438,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prec", default="fp32", choices=["fp32", "amp", "bf16"])
     p.add_argument("--warmup", type=int, default=1, help="untimed runs (the first also counts FLOPs)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of our formulation; the median is reported")
+    p.add_argument("--ref-repeats", type=int, default=1,
+                   help="timed runs of the reference (each takes tens of seconds on a CPU)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     return p
 
@@ -458,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.trainers:
         clip_model = build_random_clip(args.backbone)
         case = CASES[name](clip_model, classnames)
-        res, diffs[name] = run_case(name, case, args.batch, device, args.prec, args.warmup, args.repeats)
+        res, diffs[name] = run_case(
+            name, case, args.batch, device, args.prec, args.warmup, args.repeats, args.ref_repeats
+        )
         results += res
         del case, clip_model
         gc.collect()

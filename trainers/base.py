@@ -416,9 +416,14 @@ class PromptTrainer(TrainerX):
             self._loaded_epoch = int(ckpt.get("epoch") or 0)
             logger.info("Loaded %s into %s (epoch %s)", path, name, self._loaded_epoch)
 
+    def convert_checkpoint_state(self, state: dict, path: Path) -> dict:
+        """Hook: adapt a loaded ``state_dict`` (e.g. upstream key names) or reject it with a clear error."""
+        return state
+
     def _load_state(self, name: str, state: dict, path: Path) -> None:
         module = self._models[name]
         own = module.state_dict()
+        state = self.convert_checkpoint_state(state, path)
         state = {k: v for k, v in state.items() if k.split(".")[-1] not in self.IGNORED_CHECKPOINT_KEYS}
         for key, value in state.items():
             if key in own and own[key].shape != value.shape:

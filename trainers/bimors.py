@@ -64,7 +64,7 @@ class BiMoRS(PromptTrainer):
         rows = self.caption_index.index(self.relpaths(batch["impath"])).to(self.device)
         return {"captions": self.caption_table[rows]}
 
-    def _load_state(self, name: str, state: dict, path) -> None:
+    def convert_checkpoint_state(self, state: dict, path) -> dict:
         key = "caption_proj.weight"
         if key in state and state[key].shape[1] != self.caption_table.shape[1]:
             raise ValueError(
@@ -72,4 +72,4 @@ class BiMoRS(PromptTrainer):
                 f"for this dataset has {self.caption_table.shape[1]}-d vectors. Use the caption encoder the model "
                 "was trained with (TRAINER.BIMORS.CAPTION_ENCODER)."
             )
-        super()._load_state(name, state, path)
+        return state

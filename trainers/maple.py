@@ -34,5 +34,5 @@ class MaPLe(PromptTrainer):
             clip_model, classnames, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT, prompt_depth=node.PROMPT_DEPTH
         )
 
-    def _load_state(self, name, state, path):
-        super()._load_state(name, upstream_prompt_learner_state(state), path)
+    def convert_checkpoint_state(self, state, path):
+        return upstream_prompt_learner_state(state)
