@@ -128,3 +128,32 @@ def test_resume_continues_exactly(toyrs_root, tmp_path, monkeypatch):
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     for key, value in a["state_dict"].items():
         assert torch.allclose(value, b["state_dict"][key], atol=1e-6), key
+
+
+def test_lr_schedule_follows_dassl_semantics():
+    """Constant warm-up for WARMUP_EPOCH epochs, then cosine over MAX_EPOCH restarted at 0 (Dassl's recount)."""
+    import math
+
+    from dassl.config import get_cfg_default
+
+    cfg = get_cfg_default()
+    cfg.OPTIM.merge_from_list(["LR", 0.009, "MAX_EPOCH", 10, "LR_SCHEDULER", "cosine", "WARMUP_EPOCH", 1,
+                               "WARMUP_TYPE", "constant", "WARMUP_CONS_LR", 1e-5])
+    param = torch.nn.Parameter(torch.zeros(1))
+    optim = torch.optim.SGD([param], lr=0.009)
+    sched = trainer_base.build_lr_scheduler(optim, cfg.OPTIM)
+    seen = []
+    for _ in range(10):
+        seen.append(optim.param_groups[0]["lr"])
+        optim.step()
+        sched.step()
+    expected = [1e-5] + [0.009 * 0.5 * (1 + math.cos(math.pi * e / 10)) for e in range(9)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+
+
+def test_missing_dassl_prints_install_command(monkeypatch, capsys):
+    real = train.importlib.util.find_spec
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name, *a: None if name == "dassl" else real(name, *a))
+    assert train.main(["--trainer", "CoOp"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps --no-build-isolation" in err and "c61a1b5" in err
