@@ -224,6 +224,7 @@ def test_transformers_imports_cleanly_from_repo_root():
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
 def test_load_from_openai_jit_archive(tmp_path, toy):
     """OpenAI ships TorchScript archives; a traced toy CLIP stands in for one."""
     with torch.no_grad():

@@ -358,7 +358,7 @@ class PromptTrainer(TrainerX):
             save_checkpoint_file(self._checkpoint_state(name, epoch, val_result), folder / fname)
             if fname != "model-best.pth.tar":
                 (folder / "checkpoint").write_text(fname + "\n")
-            logger.info("Checkpoint saved to %s", folder / fname)
+            logger.log(logging.DEBUG if fname == RESUME_FILE else logging.INFO, "Checkpoint saved to %s", folder / fname)
 
     def after_epoch(self) -> None:
         self._trained_epochs = self.epoch + 1
