@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prec", default="fp32", choices=["fp32", "amp", "bf16"])
     p.add_argument("--warmup", type=int, default=1, help="untimed runs (the first also counts FLOPs)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of our formulation; the median is reported")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of our formulation; the median is reported")
     p.add_argument("--ref-repeats", type=int, default=1,
                    help="timed runs of the reference (each takes tens of seconds on a CPU)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")

@@ -555,7 +555,7 @@ def _row_labels(methods: Sequence[Method]) -> dict[Method, str]:
         extra = [m.config] if m.config else []
         if vary_shots:
             extra.append(f"{m.shots} shots" if m.shots is not None else "? shots")
-        if vary_backbone or plain[m] in clashes:
+        if vary_backbone or plain[m] in clashes or m.backbone == "toy":  # a random toy backbone is always named
             extra.append(m.backbone or "backbone ?")
         text = f"{m.trainer} ({', '.join(extra)})" if extra else m.trainer
         labels[m] = f"{text} [{m.label}]" if m.label else text
