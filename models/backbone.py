@@ -391,6 +391,13 @@ def residual_block(
     return x + mlp(block, block.ln_2(x))
 
 
+def _sdpa_4d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA over (G, C, H, L, dh) inputs run as (G*C, H, L, dh): 4-D inputs reach the fused kernels."""
+    lead = q.shape[:2]
+    o = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask)
+    return o.unflatten(0, lead)
+
+
 def eot_positions(tokens: torch.Tensor) -> torch.Tensor:
     """Position of the end-of-text token in CLIP-tokenised ids (it has the largest id)."""
     return tokens.argmax(dim=-1)
@@ -467,7 +474,7 @@ class TextEncoder(nn.Module):
             if kp is not None:
                 k_all = torch.cat([kp.expand(-1, k.shape[1], -1, -1, -1), k], dim=-2)
                 v_all = torch.cat([vp.expand(-1, v.shape[1], -1, -1, -1), v], dim=-2)
-                o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+                o = _sdpa_4d(q, k_all, v_all, mask)
                 op = F.scaled_dot_product_attention(qp, kp.squeeze(1), vp.squeeze(1), is_causal=True)
                 xp = xp + block.attn.out_proj(_merge_heads(op))
                 xp = xp + mlp(block, block.ln_2(xp))

@@ -145,6 +145,15 @@ def test_toy_is_seeded_and_loud(caplog):
     assert a.visual.input_resolution == 224 and a.visual.conv1.weight.shape[0] % 64 == 0
 
 
+def assert_same_values_and_grads(out, ref, inp, inp_ref) -> None:
+    """``out`` equals ``ref`` (fp32, 1e-5) and so do the gradients of a random projection w.r.t. their inputs."""
+    assert (out - ref).abs().max() <= 1e-5
+    weights = torch.randn_like(ref)
+    (ref * weights).sum().backward()
+    (out * weights).sum().backward()
+    assert torch.allclose(inp.grad, inp_ref.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_text_encoder_truncated_equals_full(toy):
     encoder = TextEncoder(toy)
     tokens = tokenize(PROMPTS)
@@ -155,12 +164,7 @@ def test_text_encoder_truncated_equals_full(toy):
     x = full + toy.positional_embedding
     x = toy.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
     ref = toy.ln_final(x)[torch.arange(len(PROMPTS)), eot] @ toy.text_projection
-    out = encoder(prompts, eot)
-    assert (out - ref).abs().max() <= 1e-5
-    weights = torch.randn_like(ref)
-    (ref * weights).sum().backward()
-    (out * weights).sum().backward()
-    assert torch.allclose(prompts.grad, full.grad, atol=1e-5, rtol=1e-4)
+    assert_same_values_and_grads(encoder(prompts, eot), ref, prompts, full)
 
 
 def test_text_encoder_any_leading_shape(toy):
@@ -183,12 +187,7 @@ def test_shared_prefix_equals_full_prompts(toy):
     prefix_ref = prefix.detach().clone().requires_grad_(True)
     full = torch.cat([prefix_ref[:, None].expand(-1, 3, -1, -1), suffix[None].expand(4, -1, -1, -1)], dim=2)
     ref = encoder(full, eot.expand(4, -1))
-    out = encoder.forward_shared_prefix(prefix, suffix, eot)
-    assert (out - ref).abs().max() <= 1e-5
-    weights = torch.randn_like(ref)
-    (ref * weights).sum().backward()
-    (out * weights).sum().backward()
-    assert torch.allclose(prefix.grad, prefix_ref.grad, atol=1e-5, rtol=1e-4)
+    assert_same_values_and_grads(encoder.forward_shared_prefix(prefix, suffix, eot), ref, prefix, prefix_ref)
 
 
 def test_shared_prefix_rejects_eot_inside_prefix(toy):

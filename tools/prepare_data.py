@@ -89,6 +89,17 @@ def _finish(part: Path, dest: Path, md5: str | None, allow_mismatch: bool, sourc
 
 
 # ------------------------------------------------------------------------------------------ downloads
+def _existing_or_part(dest: str | Path, md5: str | None, allow_mismatch: bool) -> tuple[Path, Path | None]:
+    """``(dest, None)`` when ``dest`` already exists (md5-checked), else ``(dest, dest.part)`` to download into."""
+    dest = Path(dest)
+    if dest.is_file():
+        _check_existing(dest, md5, allow_mismatch)
+        logger.info("%s already exists, skipping the download", dest)
+        return dest, None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return dest, dest.with_name(dest.name + ".part")
+
+
 def download_url(
     url: str, dest: str | Path, md5: str | None = None, allow_mismatch: bool = False, timeout: float = 60.0
 ) -> Path:
@@ -96,13 +107,9 @@ def download_url(
 
     An existing ``dest`` is kept (and md5-checked). A wrong md5 is a :class:`ChecksumError`.
     """
-    dest = Path(dest)
-    if dest.is_file():
-        _check_existing(dest, md5, allow_mismatch)
-        logger.info("%s already exists, skipping the download", dest)
+    dest, part = _existing_or_part(dest, md5, allow_mismatch)
+    if part is None:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     if offset:
@@ -149,13 +156,9 @@ def download_gdrive(file_id: str, dest: str | Path, md5: str | None = None, allo
     """Download a Google Drive file with gdown through ``dest.part``; md5-checked like :func:`download_url`."""
     import gdown
 
-    dest = Path(dest)
-    if dest.is_file():
-        _check_existing(dest, md5, allow_mismatch)
-        logger.info("%s already exists, skipping the download", dest)
+    dest, part = _existing_or_part(dest, md5, allow_mismatch)
+    if part is None:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     by_hand = (
         f"If Google Drive refuses (quota, sign-in), download https://drive.google.com/file/d/{file_id}/view "
         f"in a browser, save it as {dest} and rerun the command."
