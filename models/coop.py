@@ -91,20 +91,11 @@ class CoOpPromptLearner(nn.Module):
 class CoOpModel(nn.Module):
     """CLIP with CoOp's learned prompts: ``forward(images) -> logits (B, C)``."""
 
-    def __init__(
-        self,
-        clip_model: nn.Module,
-        classnames: Sequence[str],
-        n_ctx: int = 16,
-        ctx_init: str = "",
-        csc: bool = False,
-        class_token_position: str = "end",
-    ) -> None:
+    def __init__(self, clip_model: nn.Module, classnames: Sequence[str], **options) -> None:
+        """``options``: those of :class:`CoOpPromptLearner` (n_ctx, ctx_init, csc, class_token_position)."""
         super().__init__()
         freeze(clip_model)
-        self.prompt_learner = CoOpPromptLearner(
-            clip_model, classnames, n_ctx, ctx_init, csc, class_token_position
-        )
+        self.prompt_learner = CoOpPromptLearner(clip_model, classnames, **options)
         self.text_encoder = TextEncoder(clip_model)
         self.visual = VisualEncoder(clip_model)
         self.logit_scale = clip_model.logit_scale

@@ -111,14 +111,8 @@ class MaPLePromptLearner(nn.Module):
 class MaPLeModel(nn.Module):
     """CLIP with MaPLe's multi-modal prompts: ``forward(images) -> logits (B, C)``."""
 
-    def __init__(
-        self,
-        clip_model: nn.Module,
-        classnames: Sequence[str],
-        n_ctx: int = 2,
-        ctx_init: str = "a photo of a",
-        prompt_depth: int = 9,
-    ) -> None:
+    def __init__(self, clip_model: nn.Module, classnames: Sequence[str], **options) -> None:
+        """``options``: those of :class:`MaPLePromptLearner` (n_ctx, ctx_init, prompt_depth)."""
         super().__init__()
         freeze(clip_model)
         self.visual = VisualEncoder(clip_model)
@@ -126,7 +120,7 @@ class MaPLeModel(nn.Module):
             raise ValueError(
                 "MaPLe needs a ViT backbone (its vision prompts are tokens); set MODEL.BACKBONE.NAME ViT-B/16."
             )
-        self.prompt_learner = MaPLePromptLearner(clip_model, classnames, n_ctx, ctx_init, prompt_depth)
+        self.prompt_learner = MaPLePromptLearner(clip_model, classnames, **options)
         self.text_encoder = TextEncoder(clip_model)
         self.logit_scale = clip_model.logit_scale
 
