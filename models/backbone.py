@@ -391,10 +391,14 @@ def residual_block(
     return x + mlp(block, block.ln_2(x))
 
 
-def _sdpa_4d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _sdpa_4d(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool = False
+) -> torch.Tensor:
     """SDPA over (G, C, H, L, dh) inputs run as (G*C, H, L, dh): 4-D inputs reach the fused kernels."""
     lead = q.shape[:2]
-    o = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask)
+    o = F.scaled_dot_product_attention(
+        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), attn_mask=mask, is_causal=is_causal
+    )
     return o.unflatten(0, lead)
 
 
@@ -441,7 +445,12 @@ class TextEncoder(nn.Module):
         return self._encode(prefix, suffix.unsqueeze(0).expand(prefix.shape[0], -1, -1, -1), eot)
 
     def _encode(self, prefix: torch.Tensor | None, suffix: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        """Core loop. ``suffix`` is (G, C, S, D); ``prefix`` is (G, P, D) or None; ``eot`` (C,) absolute."""
+        """Core loop. ``suffix`` is (G, C, S, D); ``prefix`` is (G, P, D) or None; ``eot`` (C,) absolute.
+
+        Prefix and suffix tokens are kept as the rows of one (G*P + G*C*S, D) matrix, so each layer does one
+        matrix product per linear map; only the attention treats them apart (suffix rows attend to the
+        prefix keys/values of their image and causally to their own suffix).
+        """
         dtype = self.dtype
         n_pre = 0 if prefix is None else prefix.shape[1]
         length = int(eot.max()) + 1
@@ -451,52 +460,68 @@ class TextEncoder(nn.Module):
                 "it must lie in the class suffix."
             )
         pos = self.positional_embedding.to(dtype)
-        xs = suffix[..., : length - n_pre, :].to(dtype) + pos[n_pre:length]
-        xp = None if prefix is None else prefix.to(dtype) + pos[:n_pre]
-        n_suf = xs.shape[-2]
-        device = xs.device
+        xs = suffix[..., : length - n_pre, :].to(dtype) + pos[n_pre:length]  # (G, C, S, D)
+        groups, n_cls, n_suf, width = xs.shape
+        n_rows_pre = groups * n_pre
+        x = xs.reshape(-1, width)
+        if n_pre:
+            x = torch.cat([(prefix.to(dtype) + pos[:n_pre]).reshape(n_rows_pre, width), x])
         # Suffix row i (absolute n_pre + i) may attend to every prefix token and to suffix tokens j <= i.
-        rows = torch.arange(n_suf, device=device)
-        cols = torch.arange(n_pre + n_suf, device=device)
+        rows = torch.arange(n_suf, device=x.device)
+        cols = torch.arange(n_pre + n_suf, device=x.device)
         mask = cols[None, :] <= (rows[:, None] + n_pre)
-        eot_rel = (eot - n_pre).to(device)
+        eot_rel = (eot - n_pre).to(x.device)
+        shape = (groups, n_cls, n_suf, n_pre)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            h = block.ln_1(xs)
-            q, k, v = qkv(block, h)  # (G, C, H, S, dh)
-            kp = vp = None
-            if xp is not None:
-                hp = block.ln_1(xp)
-                qp, kp, vp = qkv(block, hp)  # (G, H, P, dh)
-                kp, vp = kp.unsqueeze(1), vp.unsqueeze(1)
+            h = block.ln_1(x)
             if i == last:
-                return self._last_layer(block, xs, q, k, v, kp, vp, eot_rel, mask)
-            if kp is not None:
-                k_all = torch.cat([kp.expand(-1, k.shape[1], -1, -1, -1), k], dim=-2)
-                v_all = torch.cat([vp.expand(-1, v.shape[1], -1, -1, -1), v], dim=-2)
-                o = _sdpa_4d(q, k_all, v_all, mask)
-                op = F.scaled_dot_product_attention(qp, kp.squeeze(1), vp.squeeze(1), is_causal=True)
-                xp = xp + block.attn.out_proj(_merge_heads(op))
-                xp = xp + mlp(block, block.ln_2(xp))
+                return self._last_layer(block, x, h, shape, eot_rel, mask)
+            attn, heads = block.attn, block.attn.num_heads
+            packed = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # (rows, 3D)
+            suffix_qkv = packed[n_rows_pre:].view(groups, n_cls, n_suf, 3 * width).chunk(3, dim=-1)
+            qs, ks, vs = (_split_heads(t, heads) for t in suffix_qkv)  # (G, C, H, S, dh)
+            if n_pre:
+                prefix_qkv = packed[:n_rows_pre].view(groups, n_pre, 3 * width).chunk(3, dim=-1)
+                qp, kp, vp = (_split_heads(t, heads) for t in prefix_qkv)  # (G, H, P, dh)
+                ks, vs = (_with_prefix(kp, ks), _with_prefix(vp, vs))
+                o_suf = _sdpa_4d(qs, ks, vs, mask)
+                o_pre = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+                o = torch.cat([_merge_heads(o_pre).reshape(n_rows_pre, width), _merge_heads(o_suf).reshape(-1, width)])
             else:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            xs = xs + block.attn.out_proj(_merge_heads(o))
-            xs = xs + mlp(block, block.ln_2(xs))
+                o = _merge_heads(_sdpa_4d(qs, ks, vs, None, is_causal=True)).reshape(-1, width)
+            x = x + attn.out_proj(o)
+            x = x + mlp(block, block.ln_2(x))
         raise AssertionError("unreachable: the text transformer has no blocks")
 
-    def _last_layer(self, block, xs, q, k, v, kp, vp, eot_rel, mask) -> torch.Tensor:
-        """Last block, computed for the end-of-text row only; returns projected features (G, C, E)."""
-        n_cls = xs.shape[1]
-        cls = torch.arange(n_cls, device=xs.device)
-        q_e = q.transpose(2, 3)[:, cls, eot_rel].unsqueeze(-2)  # (G, C, H, 1, dh)
-        mask_e = mask[eot_rel].unsqueeze(1).unsqueeze(1)  # (C, 1, 1, P+S)
-        if kp is not None:
-            k = torch.cat([kp.expand(-1, n_cls, -1, -1, -1), k], dim=-2)
-            v = torch.cat([vp.expand(-1, n_cls, -1, -1, -1), v], dim=-2)
-        o = F.scaled_dot_product_attention(q_e, k, v, attn_mask=mask_e)  # (G, C, H, 1, dh)
-        x = xs[:, cls, eot_rel] + block.attn.out_proj(_merge_heads(o).squeeze(-2))
-        x = x + mlp(block, block.ln_2(x))
-        return self.ln_final(x).to(self.dtype) @ self.text_projection
+    def _last_layer(self, block, x, h, shape, eot_rel, mask) -> torch.Tensor:
+        """Last block: keys/values of every row, the query and the rest for the end-of-text rows only.
+
+        Returns the projected features (G, C, E).
+        """
+        groups, n_cls, n_suf, n_pre = shape
+        attn, heads, width = block.attn, block.attn.num_heads, x.shape[-1]
+        n_rows_pre = groups * n_pre
+        weight, bias = attn.in_proj_weight, attn.in_proj_bias
+        kv = F.linear(h, weight[width:], None if bias is None else bias[width:])  # (rows, 2D)
+        ks, vs = (_split_heads(t, heads) for t in kv[n_rows_pre:].view(groups, n_cls, n_suf, 2 * width).chunk(2, -1))
+        if n_pre:
+            kp, vp = (_split_heads(t, heads) for t in kv[:n_rows_pre].view(groups, n_pre, 2 * width).chunk(2, -1))
+            ks, vs = _with_prefix(kp, ks), _with_prefix(vp, vs)
+        cls = torch.arange(n_cls, device=x.device)
+        x_eot = x[n_rows_pre:].view(groups, n_cls, n_suf, width)[:, cls, eot_rel]  # (G, C, D)
+        h_eot = h[n_rows_pre:].view(groups, n_cls, n_suf, width)[:, cls, eot_rel]
+        q = F.linear(h_eot, weight[:width], None if bias is None else bias[:width]).unsqueeze(-2)
+        mask_eot = mask[eot_rel].unsqueeze(1).unsqueeze(1)  # (C, 1, 1, P+S)
+        o = F.scaled_dot_product_attention(_split_heads(q, heads), ks, vs, attn_mask=mask_eot)  # (G, C, H, 1, dh)
+        y = x_eot + attn.out_proj(_merge_heads(o).squeeze(-2))
+        y = y + mlp(block, block.ln_2(y))
+        return self.ln_final(y).to(self.dtype) @ self.text_projection
+
+
+def _with_prefix(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+    """Prepend per-image prefix keys/values (G, H, P, dh) to every class's suffix ones (G, C, H, S, dh)."""
+    return torch.cat([prefix.unsqueeze(1).expand(-1, suffix.shape[1], -1, -1, -1), suffix], dim=-2)
 
 
 class VisualEncoder(nn.Module):
