@@ -86,10 +86,9 @@ def tee_stdout(output_dir: str):
 def setup_logging() -> None:
     """Route library logs (INFO and up) to the current stdout.
 
-    Importing Dassl calls ``logging.disable(logging.WARNING)`` (in its wilds module), which would silence every
-    INFO and WARNING record of this project; lift that global switch again.
+    (Dassl's import-time ``logging.disable(logging.WARNING)`` is lifted where that import happens, in
+    ``datasets/remote_sensing.py``, which ``main`` imports before anything else of Dassl.)
     """
-    logging.disable(logging.NOTSET)
     root = logging.getLogger()
     if not any(isinstance(h, _CurrentStdoutHandler) for h in root.handlers):
         handler = _CurrentStdoutHandler()

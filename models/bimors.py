@@ -135,7 +135,7 @@ class BiMoRSModel(nn.Module):
         super().__init__()
         freeze(clip_model)
         self.visual = VisualEncoder(clip_model)
-        self.text = TextEncoder(clip_model)
+        self.text_encoder = TextEncoder(clip_model)
         self.logit_scale = clip_model.logit_scale
         self.prompt_learner = BiMoRSPromptLearner(
             clip_model, classnames, n_ctx, ctx_init, n_heads, caption_dim, caption_proj_trainable
@@ -151,6 +151,6 @@ class BiMoRSModel(nn.Module):
         feats, tokens = self.encode_images(images)
         ctx = self.prompt_learner(tokens, captions)
         prompts = self.prompt_learner.prompts
-        text = self.text.forward_shared_prefix(prompts.prefix(ctx), prompts.token_suffix, prompts.eot)
+        text = self.text_encoder.forward_shared_prefix(prompts.prefix(ctx), prompts.token_suffix, prompts.eot)
         text = F.normalize(text.float(), dim=-1)  # (B, C, E)
         return self.logit_scale.exp().float() * torch.einsum("be,bce->bc", feats, text)

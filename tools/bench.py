@@ -105,6 +105,13 @@ def stock_text(clip_model: CLIP, prompts: torch.Tensor, eot: torch.Tensor) -> to
     return clip_model.ln_final(x)[torch.arange(x.shape[0]), eot] @ clip_model.text_projection
 
 
+def _one_image_text(clip_model: CLIP, pieces, prefix: torch.Tensor) -> torch.Tensor:
+    """Text features (C, E) of one image's prompts ``[prefix] + class suffix``, all 77 tokens, stock transformer."""
+    n_cls = pieces.token_suffix.shape[0]
+    prompts = torch.cat([prefix.expand(n_cls, -1, -1), pieces.token_suffix.to(prefix.dtype)], dim=1)
+    return stock_text(clip_model, _full_length(clip_model, pieces.tokens, prompts), pieces.eot)
+
+
 def _per_image_reference(clip_model, model, prefix_of, images, **extras) -> torch.Tensor:
     """The published CoCoOp-style formulation: loop over images, 77 tokens, stock transformer."""
     pieces = model.prompt_learner.prompts
@@ -112,9 +119,7 @@ def _per_image_reference(clip_model, model, prefix_of, images, **extras) -> torc
     for b in range(images.shape[0]):
         one = {k: v[b : b + 1] for k, v in extras.items()}
         feats, prefix = prefix_of(images[b : b + 1], grad_image=True, **one)
-        n_cls = pieces.token_suffix.shape[0]
-        prompts = torch.cat([prefix.expand(n_cls, -1, -1), pieces.token_suffix.to(prefix.dtype)], dim=1)
-        text = stock_text(clip_model, _full_length(clip_model, pieces.tokens, prompts), pieces.eot)
+        text = _one_image_text(clip_model, pieces, prefix)
         rows.append(model.logit_scale.exp() * feats @ F.normalize(text, dim=-1).t())
     return torch.cat(rows)
 
@@ -403,7 +408,7 @@ def run_case(
 def _text_ours(case: Case, prompts: torch.Tensor) -> torch.Tensor:
     """Our text path for truncated prompts: shared prefix (B, P, D) or class prompts (C, L, D)."""
     pieces = case.model.prompt_learner.prompts
-    encoder = getattr(case.model, "text", None) or case.model.text_encoder
+    encoder = case.model.text_encoder
     if prompts.shape[-2] == pieces.seq_len:  # full class prompts (CoOp)
         return encoder(prompts, pieces.eot)
     return encoder.forward_shared_prefix(prompts, pieces.token_suffix.to(prompts.dtype), pieces.eot)
@@ -415,12 +420,7 @@ def _text_reference(case: Case, prompts: torch.Tensor) -> torch.Tensor:
     clip_model = case.clip_model
     if prompts.shape[-2] == pieces.seq_len:
         return stock_text(clip_model, _full_length(clip_model, pieces.tokens, prompts), pieces.eot)
-    n_cls = pieces.token_suffix.shape[0]
-    out = []
-    for prefix in prompts:
-        full = torch.cat([prefix.expand(n_cls, -1, -1), pieces.token_suffix.to(prefix.dtype)], dim=1)
-        out.append(stock_text(clip_model, _full_length(clip_model, pieces.tokens, full), pieces.eot))
-    return torch.stack(out)
+    return torch.stack([_one_image_text(clip_model, pieces, prefix) for prefix in prompts])
 
 
 # ----------------------------------------------------------------------------------------------------------

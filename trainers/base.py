@@ -187,8 +187,7 @@ class PromptTrainer(TrainerX):
     @property
     def prec(self) -> str:
         """Effective precision: the configured ``PREC``; fp16/amp fall back to fp32 on CPU (with a warning)."""
-        node = self.cfg.TRAINER.get(self.CONFIG_NODE) if self.CONFIG_NODE else None
-        prec = node.PREC if node is not None and "PREC" in node else "fp32"
+        prec = self.configured_prec(self.cfg)
         if prec in ("fp16", "amp") and self.device.type == "cpu":
             if not getattr(self, "_warned_prec", False):
                 logger.warning("PREC %s needs a GPU; running in fp32 on the CPU (bf16 also works on CPU).", prec)
@@ -196,9 +195,13 @@ class PromptTrainer(TrainerX):
             return "fp32"
         return prec
 
-    def check_cfg(self, cfg: CN) -> None:
+    def configured_prec(self, cfg: CN) -> str:
+        """``TRAINER.<CONFIG_NODE>.PREC`` of ``cfg`` (fp32 for trainers without one)."""
         node = cfg.TRAINER.get(self.CONFIG_NODE) if self.CONFIG_NODE else None
-        prec = node.PREC if node is not None and "PREC" in node else "fp32"
+        return node.PREC if node is not None and "PREC" in node else "fp32"
+
+    def check_cfg(self, cfg: CN) -> None:
+        prec = self.configured_prec(cfg)
         if prec not in PRECISIONS:
             raise ValueError(f"TRAINER.{self.CONFIG_NODE}.PREC is {prec!r}; choose one of {', '.join(PRECISIONS)}.")
 
