@@ -411,8 +411,9 @@ class TextEncoder(nn.Module):
     """CLIP's frozen text transformer on prompt embeddings, batched and truncated.
 
     ``forward`` takes prompts of any leading shape (e.g. B x C prompts in one call). The sequence is cut
-    after the longest prompt's end-of-text token: exact, because under the causal mask later tokens never
-    reach an earlier position. In the last layer only the end-of-text row is computed after attention.
+    after the longest prompt's end-of-text token, and a shorter prompt's tokens after its own end-of-text
+    token are not computed either: exact, because under the causal mask later tokens never reach an earlier
+    position. In the last layer only the end-of-text row is computed after attention.
     """
 
     def __init__(self, clip_model: CLIP) -> None:
@@ -447,9 +448,11 @@ class TextEncoder(nn.Module):
     def _encode(self, prefix: torch.Tensor | None, suffix: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """Core loop. ``suffix`` is (G, C, S, D); ``prefix`` is (G, P, D) or None; ``eot`` (C,) absolute.
 
-        Prefix and suffix tokens are kept as the rows of one (G*P + G*C*S, D) matrix, so each layer does one
-        matrix product per linear map; only the attention treats them apart (suffix rows attend to the
-        prefix keys/values of their image and causally to their own suffix).
+        Prefix tokens and the suffix tokens up to each prompt's own end-of-text token are the rows of one
+        (G*P + G*N, D) matrix (N <= C*S: tokens after a prompt's EOT never reach it under the causal mask, so
+        they are not computed), so each layer does one matrix product per linear map; only the attention
+        treats them apart (suffix rows attend to the prefix keys/values of their image and causally to their
+        own suffix, laid out as a (G, C, S) grid for it).
         """
         dtype = self.dtype
         n_pre = 0 if prefix is None else prefix.shape[1]
@@ -462,61 +465,95 @@ class TextEncoder(nn.Module):
         pos = self.positional_embedding.to(dtype)
         xs = suffix[..., : length - n_pre, :].to(dtype) + pos[n_pre:length]  # (G, C, S, D)
         groups, n_cls, n_suf, width = xs.shape
+        rows = SuffixRows((eot - n_pre).to(xs.device), n_suf)
         n_rows_pre = groups * n_pre
-        x = xs.reshape(-1, width)
+        x = rows.pack(xs)  # (G*N, D)
         if n_pre:
             x = torch.cat([(prefix.to(dtype) + pos[:n_pre]).reshape(n_rows_pre, width), x])
         # Suffix row i (absolute n_pre + i) may attend to every prefix token and to suffix tokens j <= i.
-        rows = torch.arange(n_suf, device=x.device)
-        cols = torch.arange(n_pre + n_suf, device=x.device)
-        mask = cols[None, :] <= (rows[:, None] + n_pre)
-        eot_rel = (eot - n_pre).to(x.device)
-        shape = (groups, n_cls, n_suf, n_pre)
+        mask = torch.arange(n_pre + n_suf, device=x.device)[None, :] <= (
+            torch.arange(n_suf, device=x.device)[:, None] + n_pre
+        )
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             h = block.ln_1(x)
             if i == last:
-                return self._last_layer(block, x, h, shape, eot_rel, mask)
+                return self._last_layer(block, x, h, rows, (groups, n_pre), mask)
             attn, heads = block.attn, block.attn.num_heads
             packed = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # (rows, 3D)
-            suffix_qkv = packed[n_rows_pre:].view(groups, n_cls, n_suf, 3 * width).chunk(3, dim=-1)
+            suffix_qkv = rows.grid(packed[n_rows_pre:], groups).chunk(3, dim=-1)
             qs, ks, vs = (_split_heads(t, heads) for t in suffix_qkv)  # (G, C, H, S, dh)
             if n_pre:
                 prefix_qkv = packed[:n_rows_pre].view(groups, n_pre, 3 * width).chunk(3, dim=-1)
                 qp, kp, vp = (_split_heads(t, heads) for t in prefix_qkv)  # (G, H, P, dh)
                 ks, vs = (_with_prefix(kp, ks), _with_prefix(vp, vs))
-                o_suf = _sdpa_4d(qs, ks, vs, mask)
+                o_suf = rows.pack(_sdpa_4d(qs, ks, vs, mask).transpose(-3, -2))
                 o_pre = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-                o = torch.cat([_merge_heads(o_pre).reshape(n_rows_pre, width), _merge_heads(o_suf).reshape(-1, width)])
+                o = torch.cat([_merge_heads(o_pre).reshape(n_rows_pre, width), o_suf])
             else:
-                o = _merge_heads(_sdpa_4d(qs, ks, vs, None, is_causal=True)).reshape(-1, width)
+                o = rows.pack(_sdpa_4d(qs, ks, vs, None, is_causal=True).transpose(-3, -2))
             x = x + attn.out_proj(o)
             x = x + mlp(block, block.ln_2(x))
         raise AssertionError("unreachable: the text transformer has no blocks")
 
-    def _last_layer(self, block, x, h, shape, eot_rel, mask) -> torch.Tensor:
+    def _last_layer(
+        self, block, x, h, rows: SuffixRows, shape: tuple[int, int], mask: torch.Tensor
+    ) -> torch.Tensor:
         """Last block: keys/values of every row, the query and the rest for the end-of-text rows only.
 
-        Returns the projected features (G, C, E).
+        ``shape`` is (groups, prefix length). Returns the projected features (G, C, E).
         """
-        groups, n_cls, n_suf, n_pre = shape
         attn, heads, width = block.attn, block.attn.num_heads, x.shape[-1]
+        groups, n_pre = shape
         n_rows_pre = groups * n_pre
         weight, bias = attn.in_proj_weight, attn.in_proj_bias
         kv = F.linear(h, weight[width:], None if bias is None else bias[width:])  # (rows, 2D)
-        ks, vs = (_split_heads(t, heads) for t in kv[n_rows_pre:].view(groups, n_cls, n_suf, 2 * width).chunk(2, -1))
+        ks, vs = (_split_heads(t, heads) for t in rows.grid(kv[n_rows_pre:], groups).chunk(2, -1))
         if n_pre:
             kp, vp = (_split_heads(t, heads) for t in kv[:n_rows_pre].view(groups, n_pre, 2 * width).chunk(2, -1))
             ks, vs = _with_prefix(kp, ks), _with_prefix(vp, vs)
-        cls = torch.arange(n_cls, device=x.device)
-        x_eot = x[n_rows_pre:].view(groups, n_cls, n_suf, width)[:, cls, eot_rel]  # (G, C, D)
-        h_eot = h[n_rows_pre:].view(groups, n_cls, n_suf, width)[:, cls, eot_rel]
+        x_eot = x[n_rows_pre:].view(groups, -1, width)[:, rows.eot_rows]  # (G, C, D)
+        h_eot = h[n_rows_pre:].view(groups, -1, width)[:, rows.eot_rows]
         q = F.linear(h_eot, weight[:width], None if bias is None else bias[:width]).unsqueeze(-2)
-        mask_eot = mask[eot_rel].unsqueeze(1).unsqueeze(1)  # (C, 1, 1, P+S)
+        mask_eot = mask[rows.eot].unsqueeze(1).unsqueeze(1)  # (C, 1, 1, P+S)
         o = F.scaled_dot_product_attention(_split_heads(q, heads), ks, vs, attn_mask=mask_eot)  # (G, C, H, 1, dh)
         y = x_eot + attn.out_proj(_merge_heads(o).squeeze(-2))
         y = y + mlp(block, block.ln_2(y))
         return self.ln_final(y).to(self.dtype) @ self.text_projection
+
+
+class SuffixRows:
+    """Which suffix tokens are computed: those up to each prompt's end-of-text token.
+
+    Suffix tokens live in two layouts: packed rows (G*N, ...) for the linear maps, N = sum over classes of
+    ``eot + 1``, and the (G, C, S, ...) grid the attention needs. A grid slot after a prompt's EOT holds a copy
+    of that EOT row: under the causal mask no computed row attends to it and its output is dropped, so it
+    changes neither values nor gradients (its gradient contributions are exact zeros).
+    """
+
+    def __init__(self, eot: torch.Tensor, n_suf: int) -> None:
+        """``eot`` (C,): end-of-text position of each prompt within the suffix; ``n_suf``: the grid's S."""
+        self.eot = eot
+        self.n_cls, self.n_suf = eot.shape[0], n_suf
+        valid = torch.arange(n_suf, device=eot.device)[None, :] <= eot[:, None]  # (C, S)
+        self.full = bool(valid.all())
+        self.n_rows = int(valid.sum())
+        self.cls, self.pos = valid.nonzero(as_tuple=True)  # grid coordinates of the packed rows
+        packed_index = valid.flatten().cumsum(0) - 1  # a slot after an EOT gets that EOT's packed row
+        self.spread = packed_index
+        self.eot_rows = packed_index.view(self.n_cls, n_suf)[torch.arange(self.n_cls, device=eot.device), eot]
+
+    def pack(self, grid: torch.Tensor) -> torch.Tensor:
+        """(G, C, S, ...) grid -> (G*N, F) packed rows (trailing dimensions flattened into F)."""
+        packed = grid if self.full else grid[:, self.cls, self.pos]
+        return packed.reshape(-1, grid[0, 0, 0].numel())
+
+    def grid(self, packed: torch.Tensor, groups: int) -> torch.Tensor:
+        """(G*N, F) packed rows -> (G, C, S, F) grid (slots after an EOT copy the EOT row)."""
+        packed = packed.view(groups, self.n_rows, -1)
+        if not self.full:
+            packed = packed.index_select(1, self.spread)
+        return packed.view(groups, self.n_cls, self.n_suf, -1)
 
 
 def _with_prefix(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:

@@ -154,16 +154,19 @@ def assert_same_values_and_grads(out, ref, inp, inp_ref) -> None:
     assert torch.allclose(inp.grad, inp_ref.grad, atol=1e-5, rtol=1e-4)
 
 
+def _stock_text(toy, prompts: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """Straightforward formulation: the stock transformer over all 77 tokens of (N, 77, D) prompts."""
+    x = toy.transformer((prompts + toy.positional_embedding).permute(1, 0, 2)).permute(1, 0, 2)
+    return toy.ln_final(x)[torch.arange(len(prompts)), eot] @ toy.text_projection
+
+
 def test_text_encoder_truncated_equals_full(toy):
     encoder = TextEncoder(toy)
     tokens = tokenize(PROMPTS)
     prompts = toy.token_embedding(tokens).detach().requires_grad_(True)
     eot = eot_positions(tokens)
     full = prompts.detach().clone().requires_grad_(True)
-    # Straightforward formulation: the stock transformer over all 77 tokens.
-    x = full + toy.positional_embedding
-    x = toy.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
-    ref = toy.ln_final(x)[torch.arange(len(PROMPTS)), eot] @ toy.text_projection
+    ref = _stock_text(toy, full, eot)
     assert_same_values_and_grads(encoder(prompts, eot), ref, prompts, full)
 
 
@@ -184,10 +187,28 @@ def test_shared_prefix_equals_full_prompts(toy):
     prefix = (emb[:1, :n_pre] + 0.1 * torch.randn(4, n_pre, emb.shape[-1])).requires_grad_(True)
     suffix = emb[:, n_pre:]
     eot = eot_positions(tokens)
+    assert len(set(eot.tolist())) == 3  # prompts end at different positions: the ragged rows are exercised
     prefix_ref = prefix.detach().clone().requires_grad_(True)
     full = torch.cat([prefix_ref[:, None].expand(-1, 3, -1, -1), suffix[None].expand(4, -1, -1, -1)], dim=2)
-    ref = encoder(full, eot.expand(4, -1))
+    ref = _stock_text(toy, full.reshape(12, 77, -1), eot.repeat(4)).view(4, 3, -1)
     assert_same_values_and_grads(encoder.forward_shared_prefix(prefix, suffix, eot), ref, prefix, prefix_ref)
+
+
+def test_suffix_rows_pack_and_grid():
+    eot = torch.tensor([1, 3, 0])
+    rows = bb.SuffixRows(eot, 4)
+    assert not rows.full and rows.n_rows == 2 + 4 + 1
+    grid = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4, 1)
+    packed = rows.pack(grid)
+    assert packed.shape == (2 * 7, 1)
+    assert packed[:7, 0].tolist() == [0, 1, 4, 5, 6, 7, 8]
+    back = rows.grid(packed, 2)
+    valid = torch.arange(4)[None, :] <= eot[:, None]
+    assert torch.equal(back[:, valid], grid[:, valid])
+    # a slot after a prompt's end holds that prompt's end-of-text row
+    assert back[0, 0, 3, 0] == grid[0, 0, 1, 0] and back[1, 2, 2, 0] == grid[1, 2, 0, 0]
+    assert packed.view(2, 7)[:, rows.eot_rows].tolist() == [[1, 7, 8], [13, 19, 20]]
+    assert bb.SuffixRows(torch.tensor([3, 3]), 4).full
 
 
 def test_shared_prefix_rejects_eot_inside_prefix(toy):

@@ -23,6 +23,8 @@ def test_bench_runs_on_toy_backbone_and_formulations_agree(tmp_path, capsys):
     for r in data["results"]:
         assert r["train_flops"] > 0 and r["eval_flops"] > 0 and r["train_step_s"] > 0
         assert r["seq_len"] == 77 if r["formulation"] == "reference" else r["seq_len"] < 77
+        assert len(r["matmul_samples"]) == 2  # before and after the one timed training step
+        assert r["peak_fraction"] > 0 and r["peak_fraction_best"] > 0
     ours = {r["trainer"]: r for r in data["results"] if r["formulation"] == "ours"}
     ref = {r["trainer"]: r for r in data["results"] if r["formulation"] == "reference"}
     for name in ("BiMoRS", "CoCoOp"):  # exact work saved: fewer FLOPs, whatever the timing noise
@@ -41,3 +43,25 @@ def test_reference_matches_model_for_each_case():
         with torch.no_grad():
             fast, ref = case.model(images, **extras), case.reference(images, **extras)
         assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4), name
+
+
+def test_cpu_attention_flops_are_counted():
+    """torch's counter registers only the CUDA attention kernels; the CPU kernel must count the same FLOPs."""
+    b, h, lq, lk, d = 2, 3, 7, 11, 8
+    q = torch.randn(b, h, lq, d, requires_grad=True)
+    k, v = torch.randn(b, h, lk, d), torch.randn(b, h, lk, d)
+    forward = 2 * (2 * b * h * lq * lk * d)  # QK^T and PV
+    assert bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == forward
+
+    def fwd_bwd():
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    # flash backward: scores recomputed (QK^T), dV = P^T dO, dP = dO V^T, dQ = dS K, dK = dS^T Q: five products
+    assert bench.count_flops(fwd_bwd) == forward + 5 * forward // 2
+
+
+def test_matmul_probe_samples_the_best_size():
+    probe = bench.MatmulProbe(torch.device("cpu"), torch.float32, sizes=(32, 64), repeats=2)
+    assert probe.size in (32, 64) and len(probe.samples) == 4
+    rate = probe.sample()
+    assert rate > 0 and probe.samples[-1] == rate and len(probe.samples) == 5

@@ -14,7 +14,11 @@ formulations on identical inputs and weights:
 It reports the median time of a training step (forward + backward + SGD step) and of an evaluation batch after
 warm-up, images/s, the text-encoder part alone (prompts in, features out, forward + backward), peak memory
 (CUDA max allocated, or the RSS increase sampled during the step on CPU), FLOPs per step (torch's FLOP counter)
-and the achieved FLOP/s against the machine's measured fp32 (or bf16) matrix-multiply peak.
+and the achieved FLOP/s against the machine's measured fp32 (or bf16) matrix-multiply throughput.
+
+That throughput is sampled between the timed training steps (one square product of the best size before and
+after each step) and compared with the same statistic: median step against median product, best step against
+best product. A shared or thermally throttled machine then affects both sides alike.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from clip.model import CLIP
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from models.backbone import build_toy_clip
 
@@ -244,60 +248,108 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of CPU flash attention (torch's counter registers only the CUDA kernels): QK^T and PV."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                             **kwargs) -> int:
+    """FLOPs of CPU flash attention's backward, counted as torch counts the CUDA kernels' backward."""
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+#: Operators torch's FLOP counter misses on a CPU, with the formulas it uses for their CUDA counterparts.
+EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` (torch's counter plus :data:`EXTRA_FLOP_FORMULAS`)."""
+    with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def timed(
     fn: Callable[[], object],
     device: torch.device,
     warmup: int,
     repeats: int,
     count: Callable[[], object] | None | bool = None,
+    between: Callable[[], object] | None = None,
 ) -> tuple[list[float], int, int]:
     """Run ``fn`` ``warmup`` times (the first under the FLOP counter) then ``repeats`` timed times.
 
     ``count`` (default ``fn``) is what the FLOP counter runs: torch's counter cannot track modules under
     ``no_grad``, so evaluation FLOPs are counted on the same forward with autograd enabled (same operations);
-    ``False`` counts nothing (and the first run is then an ordinary warm-up run).
+    ``False`` counts nothing (and the first run is then an ordinary warm-up run). ``between`` runs untimed
+    before the first and after every timed run (the matmul probe).
     Returns the timings (s), the FLOPs of one call and the peak memory increase of one call (bytes).
     """
     flops = 0
     if count is not False:
-        with FlopCounterMode(display=False) as counter:
-            (count or fn)()
-        flops = counter.get_total_flops()
+        flops = count_flops(count or fn)
         warmup -= 1
     for _ in range(max(0, warmup)):
         fn()
-    times = []
-    with PeakMemory(device) as mem:
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    for _ in range(repeats - 1):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    times, mem = [], PeakMemory(device)
+    for i in range(repeats):
+        if between is not None:
+            between()
+        with mem if i == 0 else contextlib.nullcontext():  # memory: first timed run
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    if between is not None:
+        between()
     return times, flops, mem.peak
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072),
-                repeats: int = 8) -> float:
-    """Measured matrix-multiply throughput (FLOP/s) of this machine for ``dtype``: the best square product."""
-    best = 0.0
-    for size in sizes:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
+class MatmulProbe:
+    """The machine's matrix-multiply throughput (FLOP/s) for ``dtype``, sampled on demand.
+
+    At construction every size in ``sizes`` is timed ``repeats`` times and the size with the highest median
+    throughput is kept; :meth:`sample` then times one product of that size. The benchmark samples between
+    the timed training steps, so the step and the peak it is compared with see the same machine state.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072),
+                 repeats: int = 6) -> None:
+        self.device, self.samples = device, []
+        best = None
+        for size in sizes:
+            self._operands(size, dtype)
+            rates = [self._time() for _ in range(repeats)]
+            self.samples += rates
+            if best is None or statistics.median(rates) > best[0]:
+                best = (statistics.median(rates), size)
+        self.size = best[1]
+        self._operands(self.size, dtype)
+        self.scan_best = max(self.samples)
+
+    def _operands(self, size: int, dtype: torch.dtype) -> None:
+        self.a = torch.randn(size, size, device=self.device, dtype=dtype)
+        self.b = torch.randn(size, size, device=self.device, dtype=dtype)
         for _ in range(2):
-            a @ b
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            a @ b
-            _sync(device)
-            best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best
+            self.a @ self.b
+
+    def _time(self) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        self.a @ self.b
+        _sync(self.device)
+        return 2 * self.a.shape[0] ** 3 / (time.perf_counter() - start)
+
+    def sample(self) -> float:
+        """Time one square product of the chosen size; returns and records its FLOP/s."""
+        rate = self._time()
+        self.samples.append(rate)
+        return rate
 
 
 @dataclass
@@ -317,7 +369,11 @@ class Result:
     train_peak_bytes: int
     eval_peak_bytes: int
     seq_len: int
+    matmul_flops_per_s: float  # median of the matmul samples taken between the timed training steps
+    peak_fraction: float  # median step FLOP/s / median matmul FLOP/s
+    peak_fraction_best: float  # fastest step FLOP/s / fastest matmul FLOP/s
     train_times: list[float] = field(default_factory=list)
+    matmul_samples: list[float] = field(default_factory=list)
 
 
 def run_case(
@@ -329,8 +385,12 @@ def run_case(
     warmup: int,
     repeats: int,
     ref_repeats: int,
+    probe: MatmulProbe,
 ) -> tuple[list[Result], float]:
-    """Benchmark both formulations of one trainer; returns results and the max |logit difference|."""
+    """Benchmark both formulations of one trainer; returns results and the max |logit difference|.
+
+    ``probe`` samples the matmul throughput before and after every timed training step.
+    """
     model = case.model.to(device)
     case.clip_model.to(device)
     gen = torch.Generator().manual_seed(0)
@@ -378,7 +438,9 @@ def run_case(
 
         reps = repeats if formulation == "ours" else ref_repeats
         logger.info("%s / %s: training step", name, formulation)
-        t_train, f_train, m_train = timed(train_step, device, warmup, reps)
+        matmul: list[float] = []
+        t_train, f_train, m_train = timed(train_step, device, warmup, reps,
+                                          between=lambda matmul=matmul: matmul.append(probe.sample()))
         logger.info("%s / %s: evaluation batch", name, formulation)
         t_eval, f_eval, m_eval = timed(eval_batch, device, warmup, reps, count=eval_forward)
         logger.info("%s / %s: text encoder", name, formulation)
@@ -399,7 +461,11 @@ def run_case(
                 train_peak_bytes=m_train,
                 eval_peak_bytes=m_eval,
                 seq_len=seq_len if formulation == "ours" else 77,
+                matmul_flops_per_s=statistics.median(matmul),
+                peak_fraction=f_train / train_s / statistics.median(matmul),
+                peak_fraction_best=f_train / min(t_train) / max(matmul),
                 train_times=t_train,
+                matmul_samples=matmul,
             )
         )
     return results, diff
@@ -426,22 +492,26 @@ def _text_reference(case: Case, prompts: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------
-def render(results: list[Result], diffs: dict[str, float], peak: float, header: dict) -> str:
+def render(results: list[Result], diffs: dict[str, float], probe: MatmulProbe, header: dict) -> str:
     """Markdown table of both formulations per trainer and their ratios."""
     mb = 1024**2
     lines = [
         f"Machine: {header['machine']}; device {header['device']}, {header['prec']}, backbone {header['backbone']}, "
-        f"{header['classes']} classes, batch {header['batch']}; measured matmul peak {peak / 1e9:.1f} GFLOP/s",
+        f"{header['classes']} classes, batch {header['batch']}; matmul throughput ({probe.size}x{probe.size} "
+        f"products, {len(probe.samples)} samples): median {statistics.median(probe.samples) / 1e9:.1f}, "
+        f"best {max(probe.samples) / 1e9:.1f} GFLOP/s",
         "",
         "| trainer | formulation | seq len | train step (s) | eval batch (s) | text fwd+bwd (s) | train img/s | "
-        "eval img/s | GFLOP/step | GFLOP/s (% of peak) | peak mem train (MB) | peak mem eval (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "eval img/s | GFLOP/step | GFLOP/s | matmul GFLOP/s | % of matmul (median / best) | "
+        "peak mem train (MB) | peak mem eval (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.trainer} | {r.formulation} | {r.seq_len} | {r.train_step_s:.3f} | {r.eval_batch_s:.3f} | "
             f"{r.text_s:.3f} | {r.train_images_per_s:.2f} | {r.eval_images_per_s:.2f} | {r.train_flops / 1e9:.1f} | "
-            f"{r.train_flops_per_s / 1e9:.1f} ({100 * r.train_flops_per_s / peak:.0f}%) | "
+            f"{r.train_flops_per_s / 1e9:.1f} | {r.matmul_flops_per_s / 1e9:.1f} | "
+            f"{100 * r.peak_fraction:.0f}% / {100 * r.peak_fraction_best:.0f}% | "
             f"{r.train_peak_bytes / mb:.0f} | {r.eval_peak_bytes / mb:.0f} |"
         )
     lines += ["", "| trainer | train speed-up | eval speed-up | text speed-up | FLOP ratio | memory ratio | max logit diff |",
@@ -468,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prec", default="fp32", choices=["fp32", "amp", "bf16"])
     p.add_argument("--warmup", type=int, default=1, help="untimed runs (the first also counts FLOPs)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs of our formulation; the median is reported")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs of our formulation; the median is reported")
     p.add_argument("--ref-repeats", type=int, default=1,
                    help="timed runs of the reference (each takes tens of seconds on a CPU)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
@@ -484,14 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
     classnames = bench_classnames(args.dataset_classes)
     peak_dtype = torch.bfloat16 if args.prec == "bf16" else torch.float16 if args.prec == "amp" else torch.float32
-    peak = matmul_peak(device, peak_dtype)
-    logger.info("Matrix-multiply peak (%s): %.1f GFLOP/s", peak_dtype, peak / 1e9)
+    probe = MatmulProbe(device, peak_dtype)
+    logger.info("Matrix multiply (%s): best size %d, %.1f GFLOP/s", peak_dtype, probe.size, probe.scan_best / 1e9)
     results, diffs = [], {}
     for name in args.trainers:
         clip_model = build_random_clip(args.backbone)
         case = CASES[name](clip_model, classnames)
         res, diffs[name] = run_case(
-            name, case, args.batch, device, args.prec, args.warmup, args.repeats, args.ref_repeats
+            name, case, args.batch, device, args.prec, args.warmup, args.repeats, args.ref_repeats, probe
         )
         results += res
         del case, clip_model
@@ -502,9 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device), "prec": args.prec, "backbone": args.backbone, "classes": len(classnames),
         "batch": args.batch,
     }
-    sys.stdout.write(render(results, diffs, peak, header) + "\n")
+    sys.stdout.write(render(results, diffs, probe, header) + "\n")
     if args.json:
-        args.json.write_text(json.dumps({**header, "matmul_peak_flops": peak, "max_logit_diff": diffs,
+        args.json.write_text(json.dumps({**header, "matmul_size": probe.size, "matmul_samples": probe.samples,
+                                         "max_logit_diff": diffs,
                                          "results": [asdict(r) for r in results]}, indent=2))
     return 0
 
