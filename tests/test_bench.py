@@ -61,7 +61,7 @@ def test_cpu_attention_flops_are_counted():
 
 
 def test_matmul_probe_samples_the_best_size():
-    probe = bench.MatmulProbe(torch.device("cpu"), torch.float32, sizes=(32, 64), repeats=2)
-    assert probe.size in (32, 64) and len(probe.samples) == 4
+    probe = bench.MatmulProbe(torch.device("cpu"), torch.float32, sizes=(32, 64), repeats=2, sample_s=0.01)
+    assert probe.size in (32, 64) and probe.burst >= 1 and probe.samples == [] and probe.scan_best > 0
     rate = probe.sample()
-    assert rate > 0 and probe.samples[-1] == rate and len(probe.samples) == 5
+    assert rate > 0 and probe.samples == [rate]

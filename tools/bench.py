@@ -314,23 +314,31 @@ class MatmulProbe:
     """The machine's matrix-multiply throughput (FLOP/s) for ``dtype``, sampled on demand.
 
     At construction every size in ``sizes`` is timed ``repeats`` times and the size with the highest median
-    throughput is kept; :meth:`sample` then times one product of that size. The benchmark samples between
-    the timed training steps, so the step and the peak it is compared with see the same machine state.
+    throughput is kept. :meth:`sample` then times a burst of products of that size lasting about
+    ``sample_s`` seconds, so that a sample averages the machine's speed over a time scale like a step's.
+    The benchmark samples between the timed training steps, so the step and the throughput it is compared
+    with see the same machine state.
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072),
-                 repeats: int = 6) -> None:
+                 repeats: int = 6, sample_s: float = 0.5) -> None:
         self.device, self.samples = device, []
         best = None
         for size in sizes:
             self._operands(size, dtype)
-            rates = [self._time() for _ in range(repeats)]
+            rates = [self._time(1) for _ in range(repeats)]
             self.samples += rates
             if best is None or statistics.median(rates) > best[0]:
                 best = (statistics.median(rates), size)
+        self.scan_best = max(self.samples)
         self.size = best[1]
         self._operands(self.size, dtype)
-        self.scan_best = max(self.samples)
+        self.burst = max(1, round(sample_s * best[0] / self._flops))
+        self.samples = []
+
+    @property
+    def _flops(self) -> int:
+        return 2 * self.a.shape[0] ** 3
 
     def _operands(self, size: int, dtype: torch.dtype) -> None:
         self.a = torch.randn(size, size, device=self.device, dtype=dtype)
@@ -338,16 +346,17 @@ class MatmulProbe:
         for _ in range(2):
             self.a @ self.b
 
-    def _time(self) -> float:
+    def _time(self, products: int) -> float:
         _sync(self.device)
         start = time.perf_counter()
-        self.a @ self.b
+        for _ in range(products):
+            self.a @ self.b
         _sync(self.device)
-        return 2 * self.a.shape[0] ** 3 / (time.perf_counter() - start)
+        return products * self._flops / (time.perf_counter() - start)
 
     def sample(self) -> float:
-        """Time one square product of the chosen size; returns and records its FLOP/s."""
-        rate = self._time()
+        """Time one burst of square products; returns and records its FLOP/s."""
+        rate = self._time(self.burst)
         self.samples.append(rate)
         return rate
 
@@ -497,9 +506,9 @@ def render(results: list[Result], diffs: dict[str, float], probe: MatmulProbe, h
     mb = 1024**2
     lines = [
         f"Machine: {header['machine']}; device {header['device']}, {header['prec']}, backbone {header['backbone']}, "
-        f"{header['classes']} classes, batch {header['batch']}; matmul throughput ({probe.size}x{probe.size} "
-        f"products, {len(probe.samples)} samples): median {statistics.median(probe.samples) / 1e9:.1f}, "
-        f"best {max(probe.samples) / 1e9:.1f} GFLOP/s",
+        f"{header['classes']} classes, batch {header['batch']}; matmul throughput (bursts of {probe.burst} "
+        f"{probe.size}x{probe.size} products, {len(probe.samples)} samples between the timed training steps): "
+        f"median {statistics.median(probe.samples) / 1e9:.1f}, best {max(probe.samples) / 1e9:.1f} GFLOP/s",
         "",
         "| trainer | formulation | seq len | train step (s) | eval batch (s) | text fwd+bwd (s) | train img/s | "
         "eval img/s | GFLOP/step | GFLOP/s | matmul GFLOP/s | % of matmul (median / best) | "
@@ -574,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     sys.stdout.write(render(results, diffs, probe, header) + "\n")
     if args.json:
-        args.json.write_text(json.dumps({**header, "matmul_size": probe.size, "matmul_samples": probe.samples,
+        args.json.write_text(json.dumps({**header, "matmul_size": probe.size, "matmul_burst": probe.burst,
+                                         "matmul_samples": probe.samples,
                                          "max_logit_diff": diffs,
                                          "results": [asdict(r) for r in results]}, indent=2))
     return 0
