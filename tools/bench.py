@@ -16,9 +16,9 @@ warm-up, images/s, the text-encoder part alone (prompts in, features out, forwar
 (CUDA max allocated, or the RSS increase sampled during the step on CPU), FLOPs per step (torch's FLOP counter)
 and the achieved FLOP/s against the machine's measured fp32 (or bf16) matrix-multiply throughput.
 
-That throughput is sampled between the timed training steps (one square product of the best size before and
-after each step) and compared with the same statistic: median step against median product, best step against
-best product. A shared or thermally throttled machine then affects both sides alike.
+That throughput is sampled between the timed training steps (square products of the fastest size, about half a
+second per sample, before and after each step) and compared with the same statistic: median step against median
+sample, fastest step against fastest sample. A shared or throttled machine then affects both sides alike.
 """
 
 from __future__ import annotations
@@ -506,8 +506,8 @@ def render(results: list[Result], diffs: dict[str, float], probe: MatmulProbe, h
     mb = 1024**2
     lines = [
         f"Machine: {header['machine']}; device {header['device']}, {header['prec']}, backbone {header['backbone']}, "
-        f"{header['classes']} classes, batch {header['batch']}; matmul throughput (bursts of {probe.burst} "
-        f"{probe.size}x{probe.size} products, {len(probe.samples)} samples between the timed training steps): "
+        f"{header['classes']} classes, batch {header['batch']}; matmul throughput ({probe.burst} x "
+        f"{probe.size}x{probe.size} product per sample, {len(probe.samples)} samples between the timed training steps): "
         f"median {statistics.median(probe.samples) / 1e9:.1f}, best {max(probe.samples) / 1e9:.1f} GFLOP/s",
         "",
         "| trainer | formulation | seq len | train step (s) | eval batch (s) | text fwd+bwd (s) | train img/s | "
