@@ -539,14 +539,13 @@ class SuffixRows:
         self.full = bool(valid.all())
         self.n_rows = int(valid.sum())
         self.cls, self.pos = valid.nonzero(as_tuple=True)  # grid coordinates of the packed rows
-        packed_index = valid.flatten().cumsum(0) - 1  # a slot after an EOT gets that EOT's packed row
-        self.spread = packed_index
-        self.eot_rows = packed_index.view(self.n_cls, n_suf)[torch.arange(self.n_cls, device=eot.device), eot]
+        self.spread = valid.flatten().cumsum(0) - 1  # packed row of each grid slot; after an EOT: the EOT's row
+        self.eot_rows = self.spread.view(self.n_cls, n_suf)[torch.arange(self.n_cls, device=eot.device), eot]
 
     def pack(self, grid: torch.Tensor) -> torch.Tensor:
         """(G, C, S, ...) grid -> (G*N, F) packed rows (trailing dimensions flattened into F)."""
         packed = grid if self.full else grid[:, self.cls, self.pos]
-        return packed.reshape(-1, grid[0, 0, 0].numel())
+        return packed.reshape(-1, grid.shape[3:].numel())
 
     def grid(self, packed: torch.Tensor, groups: int) -> torch.Tensor:
         """(G*N, F) packed rows -> (G, C, S, F) grid (slots after an EOT copy the EOT row)."""

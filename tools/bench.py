@@ -323,18 +323,14 @@ class MatmulProbe:
     def __init__(self, device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 3072),
                  repeats: int = 6, sample_s: float = 0.5) -> None:
         self.device, self.samples = device, []
-        best = None
+        scan = {}  # size -> single-product rates
         for size in sizes:
             self._operands(size, dtype)
-            rates = [self._time(1) for _ in range(repeats)]
-            self.samples += rates
-            if best is None or statistics.median(rates) > best[0]:
-                best = (statistics.median(rates), size)
-        self.scan_best = max(self.samples)
-        self.size = best[1]
+            scan[size] = [self._time(1) for _ in range(repeats)]
+        self.scan_best = max(max(rates) for rates in scan.values())
+        self.size = max(scan, key=lambda size: statistics.median(scan[size]))
         self._operands(self.size, dtype)
-        self.burst = max(1, round(sample_s * best[0] / self._flops))
-        self.samples = []
+        self.burst = max(1, round(sample_s * statistics.median(scan[self.size]) / self._flops))
 
     @property
     def _flops(self) -> int:
