@@ -464,7 +464,7 @@ class TextEncoder(nn.Module):
             )
         pos = self.positional_embedding.to(dtype)
         xs = suffix[..., : length - n_pre, :].to(dtype) + pos[n_pre:length]  # (G, C, S, D)
-        groups, n_cls, n_suf, width = xs.shape
+        groups, _, n_suf, width = xs.shape
         rows = SuffixRows((eot - n_pre).to(xs.device), n_suf)
         n_rows_pre = groups * n_pre
         x = rows.pack(xs)  # (G*N, D)
