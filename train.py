@@ -24,7 +24,7 @@ DASSL_INSTALL = (
     "Dassl.pytorch is not installed. Install it with: "
     "git clone https://github.com/KaiyangZhou/Dassl.pytorch && cd Dassl.pytorch && git checkout c61a1b5 && "
     "pip install --no-deps --no-build-isolation -e . && pip install --no-deps wilds==1.2.2 && pip install pandas "
-    "(or, from a local checkout: DASSL_SRC=/path/to/Dassl.pytorch make setup)"
+    "(or, from a local folder or tarball: DASSL_SRC=/path/to/Dassl.pytorch[.tar.gz] make setup)"
 )
 
 logger = logging.getLogger("train")
@@ -83,18 +83,25 @@ def tee_stdout(output_dir: str):
             sys.stdout = console
 
 
-def setup_logging() -> None:
-    """Route library logs (INFO and up) to the current stdout.
+@contextlib.contextmanager
+def console_logging():
+    """Route library logs (INFO and up) to the current stdout for the duration of a run, then restore the
+    root logger as it was (so ``main`` can run in a process whose logging belongs to someone else).
 
     (Dassl's import-time ``logging.disable(logging.WARNING)`` is lifted where that import happens, in
     ``datasets/remote_sensing.py``, which ``main`` imports before anything else of Dassl.)
     """
     root = logging.getLogger()
-    if not any(isinstance(h, _CurrentStdoutHandler) for h in root.handlers):
-        handler = _CurrentStdoutHandler()
-        handler.setFormatter(logging.Formatter("[%(levelname)s %(name)s] %(message)s"))
-        root.addHandler(handler)
+    handler = _CurrentStdoutHandler()
+    handler.setFormatter(logging.Formatter("[%(levelname)s %(name)s] %(message)s"))
+    level = root.level
+    root.addHandler(handler)
     root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets.remote_sensing  # noqa: F401  (registers the datasets)
 
     cfg = setup_cfg(args)
-    with tee_stdout(cfg.OUTPUT_DIR):
-        setup_logging()
+    with tee_stdout(cfg.OUTPUT_DIR), console_logging():
         return run(cfg, args)
 
 

@@ -1,10 +1,21 @@
-"""Shared pytest fixtures: offline environment, Dassl availability, tiny models."""
+"""Shared pytest fixtures and options: offline environment, per-test seeds, Dassl availability, tiny models.
+
+Determinism: every test starts from random generators (torch, NumPy, Python) seeded from its own node id and
+``--test-seed`` (default 0), so a test sees the same draws whatever ran before it. ``--shuffle`` runs the tests
+in an order drawn from the same seed; ``make test-seeds`` runs the suite under several seeds, shuffled.
+
+Skips that CI must never see: a test marked ``ci_required`` (e.g. everything that needs Dassl) that skips
+while ``CI`` is set to a true value is reported as a failure, so a missing install step cannot hide behind a
+green run.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -18,11 +29,92 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 HAVE_DASSL = importlib.util.find_spec("dassl") is not None
-
-requires_dassl = pytest.mark.skipif(
-    not HAVE_DASSL,
-    reason="Dassl.pytorch is not installed: `DASSL_SRC=/path/to/Dassl.pytorch make setup` installs it (see README)",
+DASSL_FIX = (
+    "install it with `make setup` (DASSL_SRC=/path/to/Dassl.pytorch[.tar.gz] for a local copy, else GitHub), "
+    "see README"
 )
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+requires_dassl = pytest.mark.skipif(not HAVE_DASSL, reason=f"Dassl.pytorch is not installed: {DASSL_FIX}")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("bimors")
+    group.addoption("--test-seed", type=int, default=0, help="base seed of every test's random generators (default 0)")
+    group.addoption("--shuffle", action="store_true", help="run the tests in an order drawn from --test-seed")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "ci_required: a skip of this test is a failure when CI is set")
+
+
+def _needs_dassl(item: pytest.Item) -> bool:
+    return any(m.name == "skipif" and "Dassl" in str(m.kwargs.get("reason", "")) for m in item.iter_markers())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _needs_dassl(item):
+            item.add_marker(pytest.mark.ci_required)
+    if config.getoption("--shuffle"):
+        random.Random(config.getoption("--test-seed")).shuffle(items)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = [f"test seed: {config.getoption('--test-seed')}{' (shuffled order)' if config.getoption('--shuffle') else ''}"]
+    if not HAVE_DASSL:
+        lines.append(f"!!! Dassl.pytorch is NOT installed: every engine test will skip; {DASSL_FIX}")
+    return lines
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if not HAVE_DASSL:
+        n = sum(_needs_dassl(item) for item in session.items)
+        session.config.get_terminal_reporter().write_line(
+            f"!!! Dassl.pytorch is not installed: {n} tests will skip. Fix: {DASSL_FIX}.", red=True, bold=True
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and item.get_closest_marker("ci_required") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which must run this test: {reason}"
+
+
+def assert_close_fp32(actual, expected, rel: float = 1e-5, what: str = "") -> None:
+    """``actual`` equals ``expected`` up to fp32 rounding, judged against the magnitude of ``expected``.
+
+    Two exact formulations sum the same products in different orders; in fp32 (unit roundoff 6e-8) the
+    difference of such sums grows with the size of the largest terms, not with each element, so a near-zero
+    element can differ by far more than its own relative 1e-4. Every element must lie within
+    ``rel * max|expected|`` (1e-5: ~170 roundoffs of the largest element, orders of magnitude below any error
+    of substance, which is O(1) relative).
+    """
+    import torch
+
+    scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    try:
+        torch.testing.assert_close(actual, expected, atol=rel * max(scale, 1e-30), rtol=0.0)
+    except AssertionError as exc:
+        raise AssertionError(f"{what}: {exc}" if what else str(exc)) from None
+
+
+@pytest.fixture(autouse=True)
+def _seed_random_generators(request: pytest.FixtureRequest) -> None:
+    """Seed torch, NumPy and Python's ``random`` per test (from its node id and ``--test-seed``)."""
+    seed = (zlib.crc32(request.node.nodeid.encode()) + 7919 * request.config.getoption("--test-seed")) % 2**31
+    random.seed(seed)
+    if "numpy" in sys.modules or importlib.util.find_spec("numpy") is not None:
+        import numpy as np
+
+        np.random.seed(seed)
+    import torch
+
+    torch.manual_seed(seed)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import assert_close_fp32
 
 from tools import bench
 
@@ -42,7 +43,7 @@ def test_reference_matches_model_for_each_case():
         extras = case.extras(2)
         with torch.no_grad():
             fast, ref = case.model(images, **extras), case.reference(images, **extras)
-        assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4), name
+        assert_close_fp32(fast, ref, what=name)
 
 
 def test_cpu_attention_flops_are_counted():

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clip.model import CLIP
+from conftest import assert_close_fp32
 
 from models.backbone import build_toy_clip
 from models.bimors import BiMoRSModel
@@ -54,9 +55,10 @@ def test_fast_path_equals_per_image_full_length_formulation():
     g_ref = torch.autograd.grad(F.cross_entropy(ref, labels), params)
 
     assert fast.shape == (3, len(CLASSES))
-    assert (fast - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert_close_fp32(fast, ref)
     for a, b in zip(g_fast, g_ref):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+        assert b.abs().max() > 0  # the reference gradient is not trivially zero
+        assert_close_fp32(a, b)
 
 
 def test_sequence_is_truncated():

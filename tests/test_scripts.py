@@ -112,8 +112,6 @@ def test_wrapper_is_trainer_cfg_exec(folder, protocol):
 def test_wrapper_config_exists(folder, protocol):
     trainer, cfg, xcfg = WRAPPERS[folder]
     cfg_dir = REPO_ROOT / "configs" / "trainers" / trainer
-    if not cfg_dir.is_dir():
-        pytest.skip(f"{cfg_dir} does not exist yet (trainer {trainer} not written)")
     name = cfg if protocol == "base2new" else xcfg
     assert (cfg_dir / f"{name}.yaml").is_file(), (
         f"scripts/{folder}/{protocol}.sh uses CFG {name}, not in {cfg_dir}"
@@ -252,8 +250,6 @@ def test_eval_only_trainer_loads_nothing(tmp_path):
 def test_config_name_resolves_in_configs_trainers(tmp_path):
     """CFG without .yaml names a file of configs/trainers/<TRAINER>/ (used here: any existing one)."""
     found = sorted((REPO_ROOT / "configs" / "trainers").glob("*/*.yaml"))
-    if not found:
-        pytest.skip("no trainer config in configs/trainers/ yet")
     path = found[0]
     runs = train_runs(dry_run(PROTOCOLS / "base2new.sh", "toyrs", "1", tmp_path=tmp_path, TRAINER=path.parent.name,
                               CFG=path.stem, LOAD_EPOCH="1"))  # fmt: skip
@@ -501,8 +497,6 @@ def test_zsclip_base2new_end_to_end(tmp_path):
 @pytest.mark.dassl
 @pytest.mark.slow
 def test_coop_base2new_end_to_end(tmp_path):
-    if not (REPO_ROOT / "trainers" / "coop.py").is_file():
-        pytest.skip("the CoOp trainer (trainers/coop.py) is not written yet")
     data = _toyrs_data(tmp_path)
     env = dict(DATA=str(data), BACKBONE="toy", SHOTS="2")
     args = ["toyrs", "1", *FAST_OPTS, "OPTIM.MAX_EPOCH", "1"]

@@ -27,7 +27,8 @@ FAST = ["MODEL.BACKBONE.NAME", "toy", "DATASET.NUM_SHOTS", "2", "DATALOADER.NUM_
         "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "DATALOADER.TEST.BATCH_SIZE", "48", "OPTIM.MAX_EPOCH", "1"]
 
 
-def _registered() -> list:
+def _registered(learns: bool | None = None) -> list:
+    """Our registered trainers; ``learns`` True/False keeps those with/without a config node (learnable part)."""
     if not HAVE_DASSL:
         return []
     params = []
@@ -35,11 +36,14 @@ def _registered() -> list:
         cls = TRAINER_REGISTRY.get(name)
         if not issubclass(cls, PromptTrainer):
             continue  # Dassl's own trainers
-        params.append(pytest.param(name, id=name))
+        if learns is None or bool(cls.CONFIG_NODE) == learns:
+            params.append(pytest.param(name, id=name))
     return params
 
 
 TRAINERS = _registered()
+LEARNING = _registered(learns=True)  # trainers with a prompt learner
+ZERO_SHOT = _registered(learns=False)
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +98,18 @@ def learnable(trainer) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ registry-wide
-@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("name", ZERO_SHOT)
+def test_zero_shot_trainers_learn_nothing(name, toy_root, tmp_path):
+    trainer = build(toy_root, tmp_path, name)
+    assert getattr(trainer.model, "prompt_learner", None) is None and trainer.optim is None
+    assert not learnable(trainer), f"{name} has no prompt_learner but learnable parameters {sorted(learnable(trainer))}"
+
+
+@pytest.mark.parametrize("name", LEARNING)
 def test_one_training_step_changes_only_learnable_parameters(name, toy_root, tmp_path):
     trainer = build(toy_root, tmp_path, name, "OPTIM.WARMUP_EPOCH", "0")
     learn = learnable(trainer)
-    if getattr(trainer.model, "prompt_learner", None) is None:
-        assert not learn, f"{name} has no prompt_learner but learnable parameters {sorted(learn)}"
-        pytest.skip(f"{name} learns nothing")
+    assert getattr(trainer.model, "prompt_learner", None) is not None
     assert learn and all(n.startswith("prompt_learner.") for n in learn)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.set_model_mode("train")
@@ -124,11 +133,9 @@ def test_eval_forward_shapes(name, toy_root, tmp_path):
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("name", TRAINERS)
+@pytest.mark.parametrize("name", LEARNING)
 def test_save_then_reload_gives_identical_logits(name, toy_root, tmp_path):
     trainer = build(toy_root, tmp_path / "train", name)
-    if trainer.model.prompt_learner is None:
-        pytest.skip(f"{name} has no weights to save")
     with torch.no_grad():  # stands in for training
         for p in learnable(trainer).values():
             p.add_(0.1 * torch.randn_like(p))
