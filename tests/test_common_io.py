@@ -1,0 +1,71 @@
+"""common.io: atomic writes leave no partial file, digests, and the run-folder lock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+
+import pytest
+
+from common.io import (
+    LockHeldError,
+    atomic_open,
+    exclusive_lock,
+    file_digest,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "sub" / "a.json"
+    write_json_atomic(target, {"x": 1}, indent=2)
+    write_json_atomic(target, {"x": 2})
+    assert json.loads(target.read_text()) == {"x": 2}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a.json"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "a.txt"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError), atomic_open(target) as fh:
+        fh.write("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_open_refuses_append(tmp_path):
+    with pytest.raises(ValueError, match="whole files"), atomic_open(tmp_path / "x", "a"):
+        pass
+
+
+def test_file_digest_matches_hashlib(tmp_path):
+    data = bytes(range(256)) * 5000
+    (tmp_path / "f").write_bytes(data)
+    assert file_digest(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    assert file_digest(tmp_path / "f", "md5", chunk=1000) == hashlib.md5(data).hexdigest()
+
+
+def _try_lock(path, queue) -> None:
+    try:
+        with exclusive_lock(path, describe=lambda pid: f"held by {pid}"):
+            queue.put("acquired")
+    except LockHeldError as exc:
+        queue.put(str(exc))
+
+
+def test_lock_excludes_another_process_and_is_released(tmp_path):
+    lock = tmp_path / "run" / ".lock"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with exclusive_lock(lock):
+        proc = ctx.Process(target=_try_lock, args=(lock, queue))
+        proc.start()
+        proc.join(60)
+        assert queue.get(timeout=10) == f"held by {os.getpid()}"
+    proc = ctx.Process(target=_try_lock, args=(lock, queue))
+    proc.start()
+    proc.join(60)
+    assert queue.get(timeout=10) == "acquired"  # released on exit; a stale lock file does not block
