@@ -33,6 +33,8 @@ from clip.model import CLIP, QuickGELU, VisionTransformer, build_model
 from torch import nn
 from tqdm import tqdm
 
+from common.errors import ExpectedError
+
 logger = logging.getLogger(__name__)
 
 TOY_NAME = "toy"
@@ -45,7 +47,7 @@ HF_REPOS: dict[str, str] = {
 }
 
 
-class BackboneError(RuntimeError):
+class BackboneError(ExpectedError, RuntimeError):
     """Base class of backbone loading errors."""
 
 

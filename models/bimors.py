@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ConfigError
 from models.backbone import TextEncoder, VisualEncoder, freeze
 from models.prompts import ClassPrompts, init_context
 
@@ -82,7 +83,7 @@ class BiMoRSPromptLearner(nn.Module):
     ) -> None:
         super().__init__()
         if not hasattr(clip_model.visual, "conv1") or not hasattr(clip_model.visual, "ln_post"):
-            raise ValueError("BiMoRS needs a ViT backbone (its token sequence); ResNet CLIP backbones have none.")
+            raise ConfigError("BiMoRS needs a ViT backbone (its token sequence); ResNet CLIP backbones have none.")
         vis_width = clip_model.visual.conv1.weight.shape[0]
         ctx_dim = clip_model.ln_final.weight.shape[0]
         ctx, prefix_text = init_context(clip_model, n_ctx, ctx_init)

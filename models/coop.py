@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ConfigError
 from models.backbone import TextEncoder, VisualEncoder, freeze
 from models.prompts import ClassPrompts, init_context
 
@@ -34,7 +35,7 @@ def class_token_order(n_ctx: int, name_lens: Sequence[int], length: int, positio
     ``front`` gives ``[SOS] name ctx . [EOS]``. The end-of-text position never moves.
     """
     if position not in CLASS_TOKEN_POSITIONS:
-        raise ValueError(
+        raise ConfigError(
             f"CLASS_TOKEN_POSITION {position!r} is not one of {', '.join(CLASS_TOKEN_POSITIONS)}: "
             "set TRAINER.COOP.CLASS_TOKEN_POSITION to one of them."
         )

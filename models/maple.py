@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ConfigError
 from models.backbone import TextEncoder, VisualEncoder, freeze, residual_block, tokenize
 from models.prompts import ClassPrompts, bpe_length
 
@@ -59,7 +60,7 @@ class MaPLePromptLearner(nn.Module):
     ) -> None:
         super().__init__()
         if prompt_depth < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"MaPLe PROMPT_DEPTH is {prompt_depth}; it must be >= 1 (1 = shallow MaPLe, upstream default 9)."
             )
         width = clip_model.ln_final.weight.shape[0]
@@ -117,7 +118,7 @@ class MaPLeModel(nn.Module):
         freeze(clip_model)
         self.visual = VisualEncoder(clip_model)
         if not self.visual.is_vit:
-            raise ValueError(
+            raise ConfigError(
                 "MaPLe needs a ViT backbone (its vision prompts are tokens); set MODEL.BACKBONE.NAME ViT-B/16."
             )
         self.prompt_learner = MaPLePromptLearner(clip_model, classnames, **options)
