@@ -6,9 +6,10 @@
   ``amp`` (fp16 autocast + GradScaler, fp32 master weights) and ``bf16`` (bf16 autocast);
 - the optimizer from Dassl's builder, but the LR schedule (constant/linear warm-up then cosine/step, with
   Dassl's semantics) from torch's own ``LambdaLR``, so neither Dassl bug on torch >= 2.6 is reached;
-- checkpoints holding only tensors and plain numbers, loaded with ``torch.load(weights_only=True)``;
+- checkpoints holding only tensors, plain numbers and strings, loaded with ``torch.load(weights_only=True)``;
 - a resume checkpoint after every epoch (``--resume`` or re-running into the same folder continues the
-  schedule exactly);
+  schedule exactly); every checkpoint records the config that shapes training (:func:`run_fingerprint`)
+  and a resume from a checkpoint of another run is refused (:func:`check_resume`);
 - ``results.json`` next to Dassl's ``log.txt`` after every test-set evaluation.
 
 Models used with it expose ``prompt_learner`` (the module holding every learnable parameter, or ``None``)
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import os.path as osp
+import pickle
 import random
 import subprocess
 import time
@@ -33,13 +35,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from clip.model import convert_weights
-from dassl.engine import TrainerX
+from dassl.data import DataManager
+from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 from torch import nn
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
+from common.errors import ConfigError, ExpectedError
+from common.io import atomic_path, write_json_atomic, write_text_atomic
+from datasets.remote_sensing import NamedImageErrors
 from models.backbone import load_clip
 
 logger = logging.getLogger(__name__)
@@ -72,7 +78,7 @@ def lr_factor_fn(optim_cfg: CN, base_lr: float) -> Callable[[int], float]:
     kind, max_epoch = optim_cfg.LR_SCHEDULER, float(optim_cfg.MAX_EPOCH)
     warmup = int(optim_cfg.WARMUP_EPOCH) if optim_cfg.WARMUP_EPOCH > 0 else 0
     if warmup and not optim_cfg.WARMUP_RECOUNT:
-        raise ValueError(
+        raise ConfigError(
             "OPTIM.WARMUP_RECOUNT False is not supported (no config of this project uses it); set it to True."
         )
     if kind == "cosine":
@@ -94,7 +100,7 @@ def lr_factor_fn(optim_cfg: CN, base_lr: float) -> Callable[[int], float]:
             return optim_cfg.GAMMA ** sum(e >= m for m in milestones)
 
     else:
-        raise ValueError(
+        raise ConfigError(
             f"OPTIM.LR_SCHEDULER {kind!r} is not supported; use one of cosine, single_step, multi_step."
         )
 
@@ -104,7 +110,7 @@ def lr_factor_fn(optim_cfg: CN, base_lr: float) -> Callable[[int], float]:
                 return optim_cfg.WARMUP_CONS_LR / base_lr
             if optim_cfg.WARMUP_TYPE == "linear":
                 return (optim_cfg.WARMUP_MIN_LR / base_lr) if epoch == 0 else epoch / warmup
-            raise ValueError(f"OPTIM.WARMUP_TYPE {optim_cfg.WARMUP_TYPE!r} must be 'constant' or 'linear'.")
+            raise ConfigError(f"OPTIM.WARMUP_TYPE {optim_cfg.WARMUP_TYPE!r} must be 'constant' or 'linear'.")
         return successor(epoch - warmup)
 
     return factor
@@ -119,24 +125,135 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: CN) -> torch
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
+class CheckpointError(ExpectedError, RuntimeError):
+    """A checkpoint that cannot be used: damaged, not a checkpoint, pickled objects, or missing."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint asked for (``--model-dir``/``--load-epoch``) is not there."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint that does not fit the model (another class count, config or trainer)."""
+
+
+class ResumeMismatchError(ExpectedError):
+    """The run folder holds a checkpoint of another run (another config)."""
+
+
+#: config keys (prefixes) that shape training: a checkpoint continues only a run that agrees on all of them
+FINGERPRINT_PREFIXES = (
+    "SEED", "DATASET.", "INPUT.", "OPTIM.", "MODEL.", "TRAIN.COUNT_ITER", "DATALOADER.TRAIN_X.",
+    "DATALOADER.K_TRANSFORMS", "DATALOADER.RETURN_IMG0", "TRAINER.NAME",
+)  # fmt: skip
+#: keys under those prefixes that do not change what is trained (where the data lives)
+FINGERPRINT_EXCLUDED = ("DATASET.ROOT",)
+_SHOW_DIFFS = 6
+
+
+def _flatten(node: CN, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        if isinstance(value, CN):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def run_fingerprint(cfg: CN) -> dict[str, object]:
+    """The config that shapes training: seed, dataset (shots, subsample, split...), input, optimiser and schedule,
+    backbone, the trainer's name and every key of its own ``TRAINER.<NODE>`` (e.g. ``TRAINER.COOP.N_CTX``)."""
+    name = cfg.TRAINER.NAME
+    node = TRAINER_REGISTRY.get(name).CONFIG_NODE if name in TRAINER_REGISTRY.registered_names() else ""
+    prefixes = FINGERPRINT_PREFIXES + ((f"TRAINER.{node}.",) if node else ())
+    return {
+        key: value
+        for key, value in sorted(_flatten(cfg).items())
+        if key.startswith(prefixes) and key not in FINGERPRINT_EXCLUDED
+    }
+
+
+def fingerprint_diff(stored: dict[str, object], current: dict[str, object]) -> list[str]:
+    """``KEY: checkpoint A, this run B`` for every key whose value differs (or is missing on one side)."""
+    missing = "(absent)"
+    return [
+        f"{key}: checkpoint {stored.get(key, missing)}, this run {current.get(key, missing)}"
+        for key in sorted(set(stored) | set(current))
+        if stored.get(key, missing) != current.get(key, missing)
+    ]
+
+
 def save_checkpoint_file(state: dict, path: Path) -> None:
-    """``torch.save`` through a temporary file, so an interrupted write never leaves a complete-looking file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through a temporary file unique to this process, so an interrupted write never leaves a
+    complete-looking file and two writers never share a temporary name."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint_file(path: Path) -> dict:
-    """Load one of our checkpoints with ``weights_only=True`` (no code is unpickled)."""
+    """Load one of our checkpoints with ``weights_only=True`` (no code is unpickled).
+
+    Raises :class:`CheckpointError` saying which of three things is wrong: the file is damaged or not a
+    checkpoint; it holds pickled Python objects (other code's checkpoint); or it holds no ``state_dict``.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RuntimeError(
-            f"Could not load checkpoint {path} with torch.load(weights_only=True): {exc}. "
-            "Checkpoints written by this project hold only tensors and numbers; a checkpoint from other code "
-            "may hold pickled objects: re-save its 'state_dict' with torch.save."
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):
+            raise CheckpointError(
+                f"Checkpoint {path} is damaged or not a checkpoint ({str(exc).splitlines()[0]}): delete it, or "
+                "restore it from a good copy."
+            ) from exc
+        raise CheckpointError(
+            f"Checkpoint {path} holds pickled Python objects, which are not loaded (torch.load weights_only=True). "
+            "Checkpoints written by this project hold only tensors and numbers; for one from other code, load it "
+            "there and re-save its 'state_dict' with torch.save({'state_dict': ..., 'epoch': N}, path)."
         ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated zip, empty file, foreign bytes
+        raise CheckpointError(
+            f"Checkpoint {path} is damaged or not a checkpoint ({str(exc).splitlines()[0]}): delete it, or "
+            "restore it from a good copy."
+        ) from exc
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else "a dict without 'state_dict'"
+        raise CheckpointError(
+            f"Checkpoint {path} holds {what}, not a checkpoint (a dict with 'state_dict' and 'epoch'). "
+            "Save weights as torch.save({'state_dict': module.state_dict(), 'epoch': N}, path)."
+        )
+    return ckpt
+
+
+def resume_files(directory: str | Path, names: list[str]) -> list[tuple[str, Path]] | None:
+    """``(module name, checkpoint path)`` that a resume from ``directory`` reads, or None when there is none.
+
+    Each module's folder holds a ``checkpoint`` file naming its latest checkpoint (Dassl's layout).
+    """
+    pointers = [Path(directory) / n / "checkpoint" for n in names]
+    if not names or not all(p.is_file() for p in pointers):
+        return None
+    return [(n, p.parent / p.read_text().strip()) for n, p in zip(names, pointers)]
+
+
+def check_resume(ckpt: dict, path: Path, cfg: CN) -> None:
+    """Refuse (:class:`ResumeMismatchError`) a resume checkpoint whose run config differs from ``cfg``'s."""
+    directory = path.parent.parent
+    ways_out = (
+        f"Give this run another --output-dir, or delete {directory} to start it from scratch there."
+    )
+    stored = ckpt.get("run_config")
+    if not isinstance(stored, str):
+        raise ResumeMismatchError(
+            f"{directory} holds a checkpoint ({path.name}, epoch {ckpt.get('epoch')}) without a record of its "
+            f"run's config (written by an older version), so it cannot be resumed safely. {ways_out}"
+        )
+    diffs = fingerprint_diff(json.loads(stored), run_fingerprint(cfg))
+    if diffs:
+        shown = "; ".join(diffs[:_SHOW_DIFFS]) + (f"; and {len(diffs) - _SHOW_DIFFS} more" if len(diffs) > _SHOW_DIFFS else "")
+        raise ResumeMismatchError(
+            f"{directory} holds a checkpoint of another run ({path.name}, epoch {ckpt.get('epoch')}), "
+            f"which differs in {shown}. {ways_out}"
+        )
 
 
 def rng_state() -> dict:
@@ -186,12 +303,13 @@ class PromptTrainer(TrainerX):
     # -- configuration ------------------------------------------------------------------------------------
     @property
     def prec(self) -> str:
-        """Effective precision: the configured ``PREC``; fp16/amp fall back to fp32 on CPU (with a warning)."""
+        """Effective precision: the configured ``PREC``; fp16/amp fall back to fp32 on CPU (noted once per run,
+        and recorded as ``precision`` in results.json)."""
         prec = self.configured_prec(self.cfg)
         if prec in ("fp16", "amp") and self.device.type == "cpu":
-            if not getattr(self, "_warned_prec", False):
-                logger.warning("PREC %s needs a GPU; running in fp32 on the CPU (bf16 also works on CPU).", prec)
-                self._warned_prec = True
+            if not getattr(self, "_noted_prec", False):
+                logger.info("PREC %s needs a GPU; running in fp32 on the CPU (bf16 also works on CPU).", prec)
+                self._noted_prec = True
             return "fp32"
         return prec
 
@@ -203,7 +321,18 @@ class PromptTrainer(TrainerX):
     def check_cfg(self, cfg: CN) -> None:
         prec = self.configured_prec(cfg)
         if prec not in PRECISIONS:
-            raise ValueError(f"TRAINER.{self.CONFIG_NODE}.PREC is {prec!r}; choose one of {', '.join(PRECISIONS)}.")
+            raise ConfigError(f"TRAINER.{self.CONFIG_NODE}.PREC is {prec!r}; choose one of {', '.join(PRECISIONS)}.")
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def build_data_loader(self) -> None:
+        """Dassl's data loaders (same attributes as ``SimpleTrainer.build_data_loader``), with a dataset wrapper
+        whose unreadable images are errors naming the file (:class:`datasets.remote_sensing.NamedImageErrors`)."""
+        dm = DataManager(self.cfg, dataset_wrapper=NamedImageErrors)
+        self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
+        self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
+        self.num_classes, self.num_source_domains = dm.num_classes, dm.num_source_domains
+        self.lab2cname = dm.lab2cname
+        self.dm = dm
 
     # -- model --------------------------------------------------------------------------------------------
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
@@ -324,6 +453,7 @@ class PromptTrainer(TrainerX):
             "backbone": cfg.MODEL.BACKBONE.NAME,
             "config": cfg.BENCH.CONFIG_NAME,
             "epoch": int(getattr(self, "_loaded_epoch", None) or getattr(self, "_trained_epochs", 0)),
+            "precision": self.prec,
             "accuracy": float(results["accuracy"]),
             "macro_f1": float(results["macro_f1"]),
             "per_class": per_class,
@@ -331,13 +461,12 @@ class PromptTrainer(TrainerX):
             "seconds": round(time.time() - getattr(self, "_t_start", time.time()), 3),
             "git_sha": git_sha(),
         }
+        if int(cfg.DATASET.NUM_SHOTS) >= 1:
+            record["shots_per_class"] = dict(getattr(self.dm.dataset, "shots_per_class", {}))
         if cfg.BENCH.SOURCE_DATASET and cfg.BENCH.SOURCE_DATASET != cfg.DATASET.NAME:
             record["source_dataset"] = cfg.BENCH.SOURCE_DATASET
         path = Path(cfg.OUTPUT_DIR) / "results.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name("results.json.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, record, indent=2)
         logger.info("Wrote %s (accuracy %.2f%%)", path, record["accuracy"])
         return path
 
@@ -352,6 +481,7 @@ class PromptTrainer(TrainerX):
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "val_result": None if val_result is None else float(val_result),
             "rng": rng_state(),
+            "run_config": json.dumps(run_fingerprint(self.cfg)),
         }
 
     def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
@@ -360,7 +490,7 @@ class PromptTrainer(TrainerX):
             folder = Path(directory) / name
             save_checkpoint_file(self._checkpoint_state(name, epoch, val_result), folder / fname)
             if fname != "model-best.pth.tar":
-                (folder / "checkpoint").write_text(fname + "\n")
+                write_text_atomic(folder / "checkpoint", fname + "\n")
             logger.log(logging.DEBUG if fname == RESUME_FILE else logging.INFO, "Checkpoint saved to %s", folder / fname)
 
     def after_epoch(self) -> None:
@@ -376,15 +506,14 @@ class PromptTrainer(TrainerX):
                 Path(self.output_dir, name, RESUME_FILE).unlink(missing_ok=True)
 
     def resume_model_if_exist(self, directory: str) -> int:
-        names = self.get_model_names()
-        pointers = [Path(directory) / n / "checkpoint" for n in names]
-        if not names or not all(p.is_file() for p in pointers):
+        files = resume_files(directory, self.get_model_names())
+        if files is None:
             logger.info("No checkpoint found in %s: training from scratch", directory)
             return 0
         start_epoch = 0
-        for name, pointer in zip(names, pointers):
-            path = pointer.parent / pointer.read_text().strip()
+        for name, path in files:
             ckpt = load_checkpoint_file(path)
+            check_resume(ckpt, path, self.cfg)
             self._models[name].load_state_dict(ckpt["state_dict"])
             if self._optims[name] is not None and ckpt.get("optimizer") is not None:
                 self._optims[name].load_state_dict(ckpt["optimizer"])
@@ -409,7 +538,7 @@ class PromptTrainer(TrainerX):
             if not path.is_file():
                 folder = path.parent
                 present = sorted(p.name for p in folder.glob("model*")) if folder.is_dir() else []
-                raise FileNotFoundError(
+                raise CheckpointNotFoundError(
                     f"No checkpoint {fname} in {folder} (looked for {path}). "
                     f"Checkpoints there: {present or 'none'}. "
                     "Train first, or pass --load-epoch N matching a file model.pth.tar-N."
@@ -430,7 +559,7 @@ class PromptTrainer(TrainerX):
         state = {k: v for k, v in state.items() if k.split(".")[-1] not in self.IGNORED_CHECKPOINT_KEYS}
         for key, value in state.items():
             if key in own and own[key].shape != value.shape:
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"Checkpoint {path}: '{key}' has shape {tuple(value.shape)} but this model expects "
                     f"{tuple(own[key].shape)}. The checkpoint was trained with a different class count or "
                     "config (e.g. class-specific context, N_CTX, or another caption encoder); "
@@ -438,7 +567,7 @@ class PromptTrainer(TrainerX):
                 )
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"Checkpoint {path} does not match {type(module).__name__}: missing keys {missing}, "
                 f"unexpected keys {unexpected}. Was it trained with another trainer or config?"
             )
