@@ -94,7 +94,7 @@ def tee_stdout(output_dir: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     earlier = path.is_file() and path.stat().st_size > 0
     console = sys.stdout
-    with open(path, "a") as fh:
+    with open(path, "a", buffering=1) as fh:  # line-buffered: a killed run keeps its log up to its last line
         if earlier:
             fh.write(
                 f"\n{RESUME_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')} (process {os.getpid()}): train.py started "

@@ -959,7 +959,17 @@ def _plot_title(table: Table) -> str:
 
 
 def plot(tables: Sequence[Table], path: str | Path) -> Path:
-    """Write a grouped bar chart (PNG, Agg backend): bars per method, error bars = sample std over seeds.
+    """Write :func:`figure` of ``tables`` as a PNG of :func:`plot_size` pixels."""
+    path = Path(path)
+    fig = figure(tables)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=PLOT_DPI)
+    logger.info("wrote %s (%d x %d px)", path, *plot_size(tables))
+    return path
+
+
+def figure(tables: Sequence[Table]):
+    """A grouped bar chart (matplotlib ``Figure``, Agg backend): bars per method, error bars = sample std over seeds.
 
     base2new tables get one panel each for Base, New and HM (HM error bar: std of per-seed HMs); other tables
     one panel of all their columns. Each table gets a heading (its title, backbone and, for the toy backbone,
@@ -972,7 +982,6 @@ def plot(tables: Sequence[Table], path: str | Path) -> Path:
 
     if not tables:
         raise ResultsError("nothing to plot: no table was built from the runs found")
-    path = Path(path)
     width, height = plot_size(tables)
     inches = _plot_width(tables)
     fig = Figure(figsize=(width / PLOT_DPI, height / PLOT_DPI), dpi=PLOT_DPI, layout="constrained")
@@ -1018,10 +1027,7 @@ def plot(tables: Sequence[Table], path: str | Path) -> Path:
         if handles:
             sub.legend(handles, [r.label for r in rows], loc="outside lower center", ncol=_legend_columns(inches),
                        fontsize="medium", frameon=False, title="\n".join(note), title_fontsize="small")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=PLOT_DPI)
-    logger.info("wrote %s (%d x %d px)", path, width, height)
-    return path
+    return fig
 
 
 def _value(cell: Cell | None) -> float:

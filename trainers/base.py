@@ -199,21 +199,17 @@ def load_checkpoint_file(path: Path) -> dict:
     """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):
+    except Exception as exc:  # torch raises many types for truncated zips, empty files and foreign bytes
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
             raise CheckpointError(
-                f"Checkpoint {path} is damaged or not a checkpoint ({str(exc).splitlines()[0]}): delete it, or "
-                "restore it from a good copy."
+                f"Checkpoint {path} holds pickled Python objects, which are not loaded (torch.load "
+                "weights_only=True). Checkpoints written by this project hold only tensors and numbers; for one "
+                "from other code, load it there and re-save its 'state_dict' with "
+                "torch.save({'state_dict': ..., 'epoch': N}, path)."
             ) from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
-            f"Checkpoint {path} holds pickled Python objects, which are not loaded (torch.load weights_only=True). "
-            "Checkpoints written by this project hold only tensors and numbers; for one from other code, load it "
-            "there and re-save its 'state_dict' with torch.save({'state_dict': ..., 'epoch': N}, path)."
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:  # truncated zip, empty file, foreign bytes
-        raise CheckpointError(
-            f"Checkpoint {path} is damaged or not a checkpoint ({str(exc).splitlines()[0]}): delete it, or "
-            "restore it from a good copy."
+            f"Checkpoint {path} is damaged or not a checkpoint ({reason}): delete it, or restore it from a good copy."
         ) from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else "a dict without 'state_dict'"
