@@ -251,12 +251,22 @@ def check_run_cfg(cfg, args) -> None:
 
 
 def run_header(cfg) -> str:
-    """The console's one-line summary of a run (the full config goes to log.txt only)."""
+    """The console's one-line summary of a run (the full config goes to log.txt only), with the precision the
+    run really uses (fp16/amp need a GPU: on a CPU they run in fp32, which the header says once)."""
+    import torch
+    from dassl.engine import TRAINER_REGISTRY
+
+    from trainers.base import effective_prec
+
     shots = int(cfg.DATASET.NUM_SHOTS)
+    trainer = TRAINER_REGISTRY.get(cfg.TRAINER.NAME)
+    configured = trainer.configured_prec(cfg) if hasattr(trainer, "configured_prec") else "fp32"
+    prec = effective_prec(configured, "cuda" if torch.cuda.is_available() and cfg.USE_CUDA else "cpu")
     return (
         f"{cfg.TRAINER.NAME} ({cfg.BENCH.CONFIG_NAME or 'default config'}) on {cfg.DATASET.NAME} "
         f"({cfg.DATASET.SUBSAMPLE_CLASSES} classes), {shots if shots >= 1 else 'all'} shots, seed {cfg.SEED}, "
-        f"backbone {cfg.MODEL.BACKBONE.NAME}, output {cfg.OUTPUT_DIR}"
+        f"backbone {cfg.MODEL.BACKBONE.NAME}, precision {prec}{'' if prec == configured else f' ({configured} needs a GPU)'}, "
+        f"output {cfg.OUTPUT_DIR}"
     )
 
 

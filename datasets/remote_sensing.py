@@ -15,7 +15,7 @@ from dassl.data.data_manager import DatasetWrapper
 from dassl.data.datasets import DATASET_REGISTRY, DatasetBase, Datum
 
 from datasets.catalog import CATALOG, GENERIC_NAME, CorruptImageError, DatasetInfo, spec_from_cfg
-from datasets.splits import VERIFY_DOES, Item, few_shot, load_splits, subsample_classes
+from datasets.splits import VERIFY_DOES, Item, few_shot, image_decodes, load_splits, subsample_classes
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class NamedImageErrors(DatasetWrapper):
             return super().__getitem__(idx)
         except (OSError, SyntaxError, ValueError) as exc:  # PIL: truncated, unidentified or broken files
             impath = self.data_source[idx].impath
+            if image_decodes(impath):
+                raise  # the image is fine: the error is elsewhere (a transform), keep it as it is
             command = spec_from_cfg(self.cfg).prepare_command
             raise CorruptImageError(
                 f"cannot read image {impath} ({exc}). Run `{command} --verify`: {VERIFY_DOES}."

@@ -58,6 +58,18 @@ def is_image_file(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def image_decodes(path: str | Path) -> bool:
+    """True when Pillow can open and fully decode the image at ``path`` (False when it is missing or broken)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception:  # PIL raises many types for broken files
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------- split files
 def _parse_split(data: Any, path: Path) -> Splits:
     if not isinstance(data, dict) or any(k not in data for k in SPLIT_NAMES):

@@ -249,8 +249,8 @@ def test_second_process_refused_killed_lock_taken_over_and_log_continued(toyrs_r
 @requires_dassl
 def test_fixed_temporary_names_cannot_collide(toyrs_root, tmp_path, capsys):
     """Case 3: temporary files are unique per process. Entries with the old fixed temporary names (which a second
-    writer would have shared) are left alone and do not stop the run. Case 10: the CPU precision fallback is one
-    INFO line, recorded in results.json with the toy backbone."""
+    writer would have shared) are left alone and do not stop the run. Case 10: the CPU precision fallback is said
+    once, in the run's header (no warning of its own), and recorded in results.json with the toy backbone."""
     out = tmp_path / "run"
     for stale in (out / "results.json.tmp", out / "prompt_learner" / "model.pth.tar-2.tmp"):
         stale.mkdir(parents=True)  # a directory: writing a file of that name fails
@@ -260,7 +260,8 @@ def test_fixed_temporary_names_cannot_collide(toyrs_root, tmp_path, capsys):
     assert sorted(p.name for p in out.rglob("*.tmp")) == ["model.pth.tar-2.tmp", "results.json.tmp"]
     stdout = capsys.readouterr().out
     notes = [line for line in stdout.splitlines() if "needs a GPU" in line]
-    assert notes == ["[INFO trainers.base] PREC fp16 needs a GPU; running in fp32 on the CPU (bf16 also works on CPU)."]
+    assert notes == [f"[INFO train] CoOp (vit_b16) on ToyRS (all classes), 2 shots, seed 1, backbone toy, precision "
+                     f"fp32 (fp16 needs a GPU), output {out}"]  # fmt: skip
     assert result["precision"] == "fp32" and result["backbone"] == "toy"
 
 
@@ -405,7 +406,7 @@ def test_missing_data_root_is_a_short_error(tmp_path):
                     f"with: python -m tools.prepare_data toyrs --root {tmp_path / 'nodata'}")  # fmt: skip
     assert proc.stderr.splitlines()[1] == f"(log: {out / 'log.txt'}; BIMORS_DEBUG=1 shows the traceback)"
     assert proc.stdout.splitlines()[0] == (f"[INFO train] CoOp (vit_b16) on ToyRS (all classes), 2 shots, seed 1, "
-                                           f"backbone toy, output {out}")  # fmt: skip
+                                           f"backbone toy, precision fp32 (fp16 needs a GPU), output {out}")  # fmt: skip
     text = proc.stdout + proc.stderr
     assert "Traceback" not in text and "pkg_resources" not in text and "Environment" not in text
     log = (out / "log.txt").read_text()
@@ -415,6 +416,17 @@ def test_missing_data_root_is_a_short_error(tmp_path):
     debug = run_train(argv(tmp_path / "nodata", tmp_path / "debug", *SHORT), env={**CHILD_ENV, "BIMORS_DEBUG": "1"})
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr and "DatasetNotFoundError" in debug.stderr
+
+
+@requires_dassl
+@pytest.mark.parametrize("opts, expected", [
+    (["MODEL.BACKBONE.NAME", "ViT-X/99"], "error: Unknown backbone 'ViT-X/99'. Valid names: "),
+    (["MODEL.BACKBONE.NAME", "ViT-B/16", "MODEL.BACKBONE.PATH", "/nonexistent/clip.pt"],
+     "error: MODEL.BACKBONE.PATH /nonexistent/clip.pt does not exist. Point it at an OpenAI .pt file"),
+])  # fmt: skip
+def test_backbone_errors_are_one_line(opts, expected, toyrs_root, tmp_path, capsys):
+    """Case 6: a backbone that cannot be loaded is an expected error (one line, exit 2), not a traceback."""
+    assert main_refuses(argv(toyrs_root, tmp_path / "out", *SHORT, *opts), capsys).startswith(expected)
 
 
 def test_smoke_run_table_says_its_numbers_mean_nothing(tmp_path, capsys, caplog):

@@ -44,7 +44,15 @@ from datasets.catalog import (
     config_files,
     resolve_dataset,
 )
-from datasets.splits import VERIFY_DOES, Splits, file_md5, is_image_file, load_splits, read_split_file
+from datasets.splits import (
+    VERIFY_DOES,
+    Splits,
+    file_md5,
+    image_decodes,
+    is_image_file,
+    load_splits,
+    read_split_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -416,17 +424,8 @@ def fetch_images(spec: DatasetSpec, allow_mismatch: bool = False) -> None:
 
 
 def verify_images(image_dir: Path, relpaths: Iterable[str]) -> list[str]:
-    """Decode every image; return the relpaths that fail."""
-    from PIL import Image
-
-    bad = []
-    for rel in tqdm(list(relpaths), desc="verify", unit="img"):
-        try:
-            with Image.open(image_dir / rel) as img:
-                img.load()
-        except Exception:  # PIL raises many types for broken files
-            bad.append(rel)
-    return bad
+    """Decode every image; return the relpaths that are missing or fail."""
+    return [rel for rel in tqdm(list(relpaths), desc="verify", unit="img") if not image_decodes(image_dir / rel)]
 
 
 def rebuild_images(spec: DatasetSpec, allow_mismatch: bool = False) -> None:

@@ -275,6 +275,11 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+def effective_prec(prec: str, device_type: str) -> str:
+    """The precision a run uses: ``prec``, except that fp16 and amp need a GPU and run in fp32 on the CPU."""
+    return "fp32" if prec in ("fp16", "amp") and device_type == "cpu" else prec
+
+
 def git_sha() -> str | None:
     """The current commit of this repository, or None outside a git checkout."""
     try:
@@ -299,19 +304,13 @@ class PromptTrainer(TrainerX):
     # -- configuration ------------------------------------------------------------------------------------
     @property
     def prec(self) -> str:
-        """Effective precision: the configured ``PREC``; fp16/amp fall back to fp32 on CPU (noted once per run,
-        and recorded as ``precision`` in results.json)."""
-        prec = self.configured_prec(self.cfg)
-        if prec in ("fp16", "amp") and self.device.type == "cpu":
-            if not getattr(self, "_noted_prec", False):
-                logger.info("PREC %s needs a GPU; running in fp32 on the CPU (bf16 also works on CPU).", prec)
-                self._noted_prec = True
-            return "fp32"
-        return prec
+        """Effective precision (:func:`effective_prec`; train.py's header shows it, results.json records it)."""
+        return effective_prec(self.configured_prec(self.cfg), self.device.type)
 
-    def configured_prec(self, cfg: CN) -> str:
+    @classmethod
+    def configured_prec(cls, cfg: CN) -> str:
         """``TRAINER.<CONFIG_NODE>.PREC`` of ``cfg`` (fp32 for trainers without one)."""
-        node = cfg.TRAINER.get(self.CONFIG_NODE) if self.CONFIG_NODE else None
+        node = cfg.TRAINER.get(cls.CONFIG_NODE) if cls.CONFIG_NODE else None
         return node.PREC if node is not None and "PREC" in node else "fp32"
 
     def check_cfg(self, cfg: CN) -> None:
