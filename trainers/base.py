@@ -243,7 +243,7 @@ def check_resume(ckpt: dict, path: Path, cfg: CN) -> None:
             f"{directory} holds a checkpoint ({path.name}, epoch {ckpt.get('epoch')}) without a record of its "
             f"run's config (written by an older version), so it cannot be resumed safely. {ways_out}"
         )
-    diffs = fingerprint_diff(json.loads(stored), run_fingerprint(cfg))
+    diffs = fingerprint_diff(json.loads(stored), json.loads(json.dumps(run_fingerprint(cfg))))  # as stored: JSON
     if diffs:
         shown = "; ".join(diffs[:_SHOW_DIFFS]) + (f"; and {len(diffs) - _SHOW_DIFFS} more" if len(diffs) > _SHOW_DIFFS else "")
         raise ResumeMismatchError(
