@@ -16,7 +16,7 @@ SCRIPT = REPO_ROOT / "scripts" / "bimors" / "base2new.sh"
 CLEARED = ("DATA", "BACKBONE", "CAPTIONER", "CAPTION_ENCODER", "OPTS", "PRE_STEP", "SHOTS", "CFG", "DRY_RUN")
 
 
-def run(tmp_path, *args, timeout=120, **env):
+def run(tmp_path, *args, timeout=900, **env):  # a guard against hangs only
     base = {k: v for k, v in os.environ.items() if k not in CLEARED}
     base.update(PYTHON=sys.executable, OUTPUT=str(tmp_path / "out"), **env)
     return subprocess.run(["bash", str(SCRIPT), *args], env=base, cwd=tmp_path, capture_output=True, text=True,

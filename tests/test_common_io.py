@@ -63,9 +63,9 @@ def test_lock_excludes_another_process_and_is_released(tmp_path):
     with exclusive_lock(lock):
         proc = ctx.Process(target=_try_lock, args=(lock, queue))
         proc.start()
-        proc.join(60)
-        assert queue.get(timeout=10) == f"held by {os.getpid()}"
+        proc.join(300)
+        assert queue.get(timeout=60) == f"held by {os.getpid()}"
     proc = ctx.Process(target=_try_lock, args=(lock, queue))
     proc.start()
-    proc.join(60)
-    assert queue.get(timeout=10) == "acquired"  # released on exit; a stale lock file does not block
+    proc.join(300)
+    assert queue.get(timeout=60) == "acquired"  # released on exit; a stale lock file does not block
