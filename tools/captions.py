@@ -101,7 +101,7 @@ def library_info() -> dict[str, str]:
 def resolve_model(name: str, role: str) -> str:
     """What to pass to ``from_pretrained`` for ``name``: a toy model's built folder, a local folder or a hub id."""
     if name in TOY_MODELS:
-        from models.toy_captioner import toy_model_dir
+        from tools.toy_captioner import toy_model_dir
 
         logger.warning(
             "!!! %s %r is a tiny RANDOM toy model: its output is junk, useful only for tests and the smoke run !!!",
