@@ -14,8 +14,11 @@ from yacs.config import CfgNode
 from datasets.catalog import (
     CATALOG,
     CONFIG_DIR,
+    DEFAULT_TEMPLATE,
     GENERIC_NAME,
+    SPLIT_URL,
     DatasetError,
+    DatasetInfo,
     add_dataset_config,
     config_files,
     humanize,
@@ -54,6 +57,16 @@ def test_row_is_consistent(name):
         assert info.split_url.endswith(f"/{info.dir.lower()}.json")
         assert info.split_file == f"{info.dir.lower()}.json"
         assert len(info.split_sizes) == 3
+
+
+def test_a_row_states_only_what_differs():
+    row = DatasetInfo(name="MyRS", classnames=("a", "b"), images_source="manual:x", citation="c",
+                      split_file="myrs.json", split_md5="0" * 32)  # fmt: skip
+    assert row.dir == "MyRS" and row.num_classes == 2 and row.display_names == {} and row.images_md5 is None
+    assert row.template == DEFAULT_TEMPLATE and row.split_url == SPLIT_URL.format("myrs") and row.license
+    assert DatasetInfo(name="X", classnames=("a",), images_source="generated", citation="c").split_url is None
+    with pytest.raises(ValueError, match="num_classes 3 but 2 classnames"):
+        DatasetInfo(name="MyRS", classnames=("a", "b"), images_source="manual:x", citation="c", num_classes=3)
 
 
 def test_published_split_facts():
