@@ -1,4 +1,4 @@
-"""The BiMoRS caption store (DESIGN.md section 4.4). Pure: no Dassl import.
+"""The BiMoRS caption store (docs/design.md section 4.4). Pure: no Dassl import.
 
 Per dataset, under ``<dataset_dir>/captions/``:
 

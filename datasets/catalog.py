@@ -497,7 +497,7 @@ def spec_from_cfg(cfg: CfgNode, ref: str | None = None) -> DatasetSpec:
     if info is None and name != GENERIC_NAME:
         raise DatasetError(
             f"Unknown dataset name DATASET.NAME={name!r}. Use one of {', '.join(CATALOG)}, or "
-            f"{GENERIC_NAME!r} with DATASET.FOLDER set (see DATASETS.md, 'Adding a dataset')."
+            f"{GENERIC_NAME!r} with DATASET.FOLDER set (see docs/datasets.md, 'Adding a dataset')."
         )
     folder = str(node.get("FOLDER", "") or (info.dir if info else ""))
     if not folder:

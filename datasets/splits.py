@@ -150,7 +150,7 @@ def list_image_tree(image_dir: str | Path, classnames: Sequence[str] | None = No
         if absent:
             raise SplitError(
                 f"{len(absent)} class folders are missing under {image_dir}: {_first(absent)}. "
-                "Prepare the dataset again, or check the folder names against DATASETS.md."
+                "Prepare the dataset again, or check the folder names against docs/datasets.md."
             )
         extra = [f for f in folders if f not in set(order)]
         if extra:

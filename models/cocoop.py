@@ -4,7 +4,7 @@ For image b the prompts are ``[SOS] (ctx + pi_b) <classname> . [EOS]`` with ``pi
 ``f_b`` the normalised image feature (Linear(E, E/16) -> ReLU -> Linear(E/16, D)). Every image has its own
 C class prompts, so the text encoder sees B x C prompts. They go through one encoder call on the truncated
 sequence, and ``[SOS] + ctx'`` (class independent) is encoded once per image and shared by its C class
-suffixes (:meth:`models.encoders.TextEncoder.forward_shared_prefix`); both are exact (DESIGN.md section 7).
+suffixes (:meth:`models.encoders.TextEncoder.forward_shared_prefix`); both are exact (docs/design.md section 7).
 
 State-dict keys of ``prompt_learner`` are upstream's (``ctx``, ``meta_net.linear1.weight``, ...).
 """

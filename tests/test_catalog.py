@@ -70,7 +70,7 @@ def test_a_row_states_only_what_differs():
 
 
 def test_published_split_facts():
-    # DESIGN.md section 5: class counts and train/val/test sizes of the official split files.
+    # docs/design.md section 5.1: class counts and train/val/test sizes of the official split files.
     assert CATALOG["PatternNet"].split_sizes == (14896, 6384, 9120)
     assert CATALOG["RSICD"].num_classes == 30 and CATALOG["RESISC45"].num_classes == 45
     assert CATALOG["MLRSNet"].num_classes == 46 and CATALOG["MLRSNet"].split_file is None

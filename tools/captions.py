@@ -4,7 +4,7 @@
         [--encoder bert-base-uncased] [--subset protocol|all] [--batch-size N] [--device cuda]
         [--shard i/n] [--show N]
 
-Captioning follows DESIGN.md section 4.1: each image is resized to 224x224, min-max normalised to
+Captioning follows docs/design.md section 4.1: each image is resized to 224x224, min-max normalised to
 [0, 1] and given to the BLIP-2 processor with rescaling off; ``generate(max_length=16, num_beams=4,
 early_stopping=True)``; each caption is encoded as the mean of the encoder's last hidden state over its
 non-padding tokens ([CLS] and [SEP] included). The store is described in ``datasets/captions.py``.

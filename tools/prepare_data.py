@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.prepare_data",
         description="Download, check, extract and arrange a dataset as <root>/<Dir>/images/<class>/<file>.",
-        epilog=f"datasets: {names}; or a dataset yaml (NAME: ImageFolderRS). See DATASETS.md.",
+        epilog=f"datasets: {names}; or a dataset yaml (NAME: ImageFolderRS). See docs/datasets.md.",
     )
     parser.add_argument("dataset", help="config stem (e.g. patternnet, toyrs), dataset yaml path or catalogue name")
     parser.add_argument("--root", required=True, help="folder that holds all datasets ($DATA)")

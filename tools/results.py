@@ -1,7 +1,7 @@
 """Turn run folders into the comparison tables of a paper.
 
 ``python -m tools.results [OUTPUT_DIRS...] [--protocol P] [--format md|csv|latex] [--plot FILE.png]
-[--published]`` finds runs by their ``results.json`` (DESIGN.md section 3) or, for runs made by other
+[--published]`` finds runs by their ``results.json`` (docs/design.md section 3) or, for runs made by other
 CoOp-family code, by the last test ``* accuracy: X%`` of Dassl's ``log.txt`` (protocol, dataset, shots,
 trainer, config and seed then come from the CoOp-style path). Runs are grouped by protocol, dataset,
 method (trainer, config, shots, backbone, tree label) and subsample; each group is aggregated over
