@@ -261,6 +261,8 @@ def run(cfg, args) -> int:
     from dassl.engine import build_trainer
     from dassl.utils import collect_env_info, set_random_seed
 
+    from common.io import write_text_atomic
+
     if cfg.SEED >= 0:
         set_random_seed(cfg.SEED)
 
@@ -269,8 +271,7 @@ def run(cfg, args) -> int:
     logger.info("Arguments: %s", vars(args))
     logger.info("Config:\n%s", cfg)
     logger.info("Environment:\n%s", collect_env_info())
-    Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.OUTPUT_DIR) / "config.yaml").write_text(cfg.dump())
+    write_text_atomic(Path(cfg.OUTPUT_DIR) / "config.yaml", cfg.dump())
 
     trainer = build_trainer(cfg)
     if args.eval_only:

@@ -53,10 +53,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file for writing (``mode`` ``"w"`` or ``"wb"``) that replaces ``path`` on success."""
+    """Open a temporary file for writing (``mode`` ``"w"``, UTF-8, or ``"wb"``) that replaces ``path`` on success."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', not {mode!r}")
-    with atomic_path(path) as tmp, open(tmp, mode) as fh:
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
         yield fh
         fh.flush()
         os.fsync(fh.fileno())

@@ -29,6 +29,8 @@ from pathlib import Path
 from scipy import stats
 from tqdm import tqdm
 
+from common.io import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("base2new", "crossdata", "domaingen", "fewshot", "custom")
@@ -999,7 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables = build_tables(groups, args.protocol, published if args.published else None)
         text = render(tables, args.format)
         if args.output:
-            Path(args.output).write_text(text, encoding="utf-8")
+            write_text_atomic(args.output, text)
             logger.info("wrote %s", args.output)
         else:
             sys.stdout.write(text)

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
-from common.io import atomic_path, write_json_atomic
+from common.io import atomic_path, write_json_atomic, write_text_atomic
 from models.weights import load_clip
 
 logger = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ class PromptTrainer(TrainerX):
             folder = Path(directory) / name
             save_checkpoint_file(self._checkpoint_state(name, epoch, val_result), folder / fname)
             if fname != "model-best.pth.tar":
-                (folder / "checkpoint").write_text(fname + "\n")
+                write_text_atomic(folder / "checkpoint", fname + "\n")
             logger.log(logging.DEBUG if fname == RESUME_FILE else logging.INFO, "Checkpoint saved to %s", folder / fname)
 
     def after_epoch(self) -> None:
