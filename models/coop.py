@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import TextEncoder, VisualEncoder, freeze
+from models.encoders import TextEncoder, VisualEncoder, freeze
 from models.prompts import ClassPrompts, init_context
 
 logger = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ PHASE = {"base": "train_base", "new": "test_new"}
 
 
 def write_run(root: Path, rel: str, **fields) -> Path:
-    """A run folder with a results.json in our schema (DESIGN.md section 3)."""
+    """A run folder with a results.json in our schema (docs/design.md section 3)."""
     data = {
         "trainer": "CoOp", "dataset": "PatternNet", "protocol": "base2new", "split": "test",
         "subsample": "all", "shots": 16, "seed": 1, "backbone": "ViT-B/16", "config": CFG, "epoch": 50,

@@ -18,7 +18,6 @@ and ``forward(images, **extras) -> logits``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -40,7 +39,8 @@ from torch import nn
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
-from models.backbone import load_clip
+from common.io import atomic_path, write_json_atomic, write_text_atomic
+from models.weights import load_clip
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +121,8 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: CN) -> torch
 # ----------------------------------------------------------------------------------------------------------
 def save_checkpoint_file(state: dict, path: Path) -> None:
     """``torch.save`` through a temporary file, so an interrupted write never leaves a complete-looking file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint_file(path: Path) -> dict:
@@ -294,9 +292,13 @@ class PromptTrainer(TrainerX):
         loader = self.val_loader if split == "val" and self.val_loader is not None else self.test_loader
         split = "val" if loader is self.val_loader and split == "val" else "test"
         logger.info("Evaluate on the *%s* set", split)
+        self._eval_labels: tuple[list[int], list[int]] = ([], [])  # (true, predicted), for per-class accuracy
         for batch in tqdm(loader, desc=f"eval {split}", leave=False):
             images, labels, extras = self.parse_batch(batch)
-            self.evaluator.process(self.model_inference(images, **extras), labels)
+            logits = self.model_inference(images, **extras)
+            self.evaluator.process(logits, labels)
+            self._eval_labels[0].extend(labels.tolist())
+            self._eval_labels[1].extend(logits.max(1)[1].tolist())  # the prediction Dassl's evaluator counts
         results = self.evaluator.evaluate()
         for key, value in results.items():
             self.write_scalar(f"{split}/{key}", value, self.epoch)
@@ -305,9 +307,9 @@ class PromptTrainer(TrainerX):
         return list(results.values())[0]
 
     def write_results(self, results: dict) -> Path:
-        """Write ``results.json`` (DESIGN.md section 3) into the output folder."""
+        """Write ``results.json`` (docs/design.md section 3) into the output folder."""
         cfg = self.cfg
-        y_true, y_pred = self.evaluator._y_true, self.evaluator._y_pred  # read-only use of Dassl's evaluator
+        y_true, y_pred = self._eval_labels
         per_class: dict[str, float] = {}
         for label, name in sorted(self.lab2cname.items()):
             hits = [p == t for t, p in zip(y_true, y_pred) if t == label]
@@ -334,10 +336,7 @@ class PromptTrainer(TrainerX):
         if cfg.BENCH.SOURCE_DATASET and cfg.BENCH.SOURCE_DATASET != cfg.DATASET.NAME:
             record["source_dataset"] = cfg.BENCH.SOURCE_DATASET
         path = Path(cfg.OUTPUT_DIR) / "results.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name("results.json.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, record, indent=2)
         logger.info("Wrote %s (accuracy %.2f%%)", path, record["accuracy"])
         return path
 
@@ -360,7 +359,7 @@ class PromptTrainer(TrainerX):
             folder = Path(directory) / name
             save_checkpoint_file(self._checkpoint_state(name, epoch, val_result), folder / fname)
             if fname != "model-best.pth.tar":
-                (folder / "checkpoint").write_text(fname + "\n")
+                write_text_atomic(folder / "checkpoint", fname + "\n")
             logger.log(logging.DEBUG if fname == RESUME_FILE else logging.INFO, "Checkpoint saved to %s", folder / fname)
 
     def after_epoch(self) -> None:
