@@ -1,22 +1,25 @@
-"""Dassl entry point with CoOp's command line, flag for flag.
+r"""Train and/or evaluate one run: one trainer, one dataset config, one seed, one output folder.
 
     python train.py --root DATA --seed 1 --trainer CoOp \
         --dataset-config-file configs/datasets/patternnet.yaml \
         --config-file configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml \
         --output-dir output/... [--eval-only --model-dir DIR --load-epoch N] [KEY VALUE ...]
 
-Besides Dassl's ``log.txt`` it writes ``config.yaml`` and, after testing, ``results.json`` into the output folder.
-The console gets a short header; the full config and environment go to ``log.txt`` only. A run holds a lock on
-its output folder for its whole life; running again into the same folder continues ``log.txt`` and resumes
-from the last checkpoint when that checkpoint belongs to the same run (docs/reliability.md).
+CoOp's command line, so commands from the CoOp family carry over (Dassl's domain-adaptation flags are
+accepted and ignored). Besides Dassl's log.txt the output folder gets config.yaml and, after testing,
+results.json. A whole protocol (base-to-new, cross-dataset, ...) is one script: scripts/<trainer>/<protocol>.sh.
 
-Expected errors (bad input: dataset, split, images, backbone, captions, checkpoint, config) end the run with one
-``error:`` line on stderr (also written to ``log.txt``) and exit status 2; ``BIMORS_DEBUG=1`` shows the traceback.
+The console gets a short header; the full config and environment go to log.txt only. A run holds a lock on
+its output folder for its whole life; running again into the same folder continues log.txt and resumes from
+the last checkpoint when that checkpoint belongs to the same run. Expected errors (bad input: dataset, split,
+images, backbone, captions, checkpoint, config) end the run with one ``error:`` line on stderr (also written to
+log.txt) and exit status 2; BIMORS_DEBUG=1 shows the traceback. See docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import importlib.util
 import logging
@@ -28,6 +31,7 @@ import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
+CONFIG_ROOT = REPO_ROOT / "configs"
 DASSL_INSTALL = (
     "Dassl.pytorch is not installed. Install it with: "
     "git clone https://github.com/KaiyangZhou/Dassl.pytorch && cd Dassl.pytorch && git checkout c61a1b5 && "
@@ -130,26 +134,65 @@ def console_logging():
         root.setLevel(level)
 
 
+def registered_trainers() -> dict[str, tuple[str, str]]:
+    """Trainers registered in ``trainers/*.py``, read from the source (no import, so no Dassl or torch needed).
+
+    Returns ``{registry name: (first docstring line, name of the trainer it extends or '')}``.
+    """
+    found: dict[str, tuple[str, str]] = {}
+    for path in sorted((REPO_ROOT / "trainers").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "register"
+                and isinstance(d.func.value, ast.Name) and d.func.value.id == "TRAINER_REGISTRY"
+                for d in node.decorator_list
+            ):  # fmt: skip
+                base = next((b.id for b in node.bases if isinstance(b, ast.Name)), "")
+                found[node.name] = ((ast.get_docstring(node) or "").split("\n")[0], base)
+    return found
+
+
+def _catalogue_help() -> str:
+    """The ``--help`` epilog: every trainer with its configs, and the dataset configs."""
+    lines = ["trainers (--trainer NAME) and their configs (--config-file configs/trainers/<folder>/<config>.yaml):"]
+    trainers = registered_trainers()
+    for name, (doc, base) in sorted(trainers.items()):
+        folder = name if (CONFIG_ROOT / "trainers" / name).is_dir() or base not in trainers else base
+        stems = sorted(p.stem for p in (CONFIG_ROOT / "trainers" / folder).glob("*.yaml"))
+        lines += [f"  {name:<22}{doc}", f"  {'':<22}{folder}/: {', '.join(stems) or 'none'}"]
+    datasets = sorted(p.stem for p in (CONFIG_ROOT / "datasets").glob("*.yaml"))
+    lines += ["", "datasets (--dataset-config-file configs/datasets/<name>.yaml):", "  " + ", ".join(datasets),
+              "", "A protocol is one script: scripts/<trainer>/{base2new,crossdata,domaingen}.sh (see docs/protocols.md)."]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """CoOp's argument parser."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=str, default="", help="path to dataset")
-    p.add_argument("--output-dir", type=str, default="", help="output directory")
-    p.add_argument("--resume", type=str, default="", help="checkpoint directory (from which the training resumes)")
-    p.add_argument("--seed", type=int, default=-1, help="only positive value enables a fixed seed")
-    p.add_argument("--source-domains", type=str, nargs="+", help="source domains for DA/DG")
-    p.add_argument("--target-domains", type=str, nargs="+", help="target domains for DA/DG")
-    p.add_argument("--transforms", type=str, nargs="+", help="data augmentation methods")
-    p.add_argument("--config-file", type=str, default="", help="path to config file")
-    p.add_argument("--dataset-config-file", type=str, default="", help="path to config file for dataset setup")
-    p.add_argument("--trainer", type=str, default="", help="name of trainer")
-    p.add_argument("--backbone", type=str, default="", help="name of CNN backbone")
-    p.add_argument("--head", type=str, default="", help="name of head")
-    p.add_argument("--eval-only", action="store_true", help="evaluation only")
-    p.add_argument("--model-dir", type=str, default="", help="load model from this directory for eval-only mode")
-    p.add_argument("--load-epoch", type=int, help="load model weights at this epoch for evaluation")
-    p.add_argument("--no-train", action="store_true", help="do not call trainer.train()")
-    p.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="modify config options using the command-line")
+    """The suite's command line: CoOp's flags; Dassl's unused domain-adaptation flags are accepted but hidden."""
+    p = argparse.ArgumentParser(
+        prog="python train.py", description=__doc__, epilog=_catalogue_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    run = p.add_argument_group("the run")
+    run.add_argument("--trainer", type=str, default="", help="trainer name (listed below)")
+    run.add_argument("--config-file", type=str, default="", help="trainer config: configs/trainers/<trainer>/*.yaml")
+    run.add_argument("--dataset-config-file", type=str, default="", help="dataset config: configs/datasets/*.yaml")
+    run.add_argument("--root", type=str, default="", help="data root, the folder holding PatternNet/, RSICD/, ...")
+    run.add_argument("--seed", type=int, default=-1, help="random seed, a positive integer (the protocols use 1, 2, 3)")
+    run.add_argument("--output-dir", type=str, default="", help="run folder (log.txt, config.yaml, checkpoints, "
+                     "results.json)")  # fmt: skip
+    run.add_argument("--backbone", type=str, default="", help="CLIP backbone, sets MODEL.BACKBONE.NAME "
+                     "(ViT-B/16, ViT-B/32, RN50, ..., toy)")  # fmt: skip
+    run.add_argument("opts", default=None, nargs=argparse.REMAINDER,
+                     help="config overrides as KEY VALUE pairs, e.g. OPTIM.MAX_EPOCH 5 DATALOADER.NUM_WORKERS 0")
+    ev = p.add_argument_group("evaluation and resuming")
+    ev.add_argument("--eval-only", action="store_true", help="evaluate only (with --model-dir: trained weights)")
+    ev.add_argument("--model-dir", type=str, default="", help="folder of a trained run to evaluate")
+    ev.add_argument("--load-epoch", type=int, help="epoch of the checkpoint to evaluate (default: model-best)")
+    ev.add_argument("--resume", type=str, default="", help="run folder to resume from (default: --output-dir)")
+    ev.add_argument("--no-train", action="store_true", help="build everything, train nothing")
+    for flag, kwargs in (("--source-domains", {"nargs": "+"}), ("--target-domains", {"nargs": "+"}),
+                         ("--transforms", {"nargs": "+"}), ("--head", {"default": ""})):  # CoOp's, unused here
+        p.add_argument(flag, type=str, help=argparse.SUPPRESS, **kwargs)
     return p
 
 

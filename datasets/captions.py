@@ -1,4 +1,4 @@
-"""The BiMoRS caption store (DESIGN.md section 4.4). Pure: no Dassl import.
+"""The BiMoRS caption store (docs/design.md section 4.4). Pure: no Dassl import.
 
 Per dataset, under ``<dataset_dir>/captions/``:
 
@@ -8,7 +8,7 @@ Per dataset, under ``<dataset_dir>/captions/``:
   produced; a torn last line (a kill while writing) is ignored and cut off on the next append.
 - ``<captioner-slug>__<encoder-slug>.safetensors``: the caption vectors, one float32 row per image
   (rows sorted by relpath), with the ordered relpaths and the settings in the file's metadata. It is
-  written atomically (temporary file, then rename).
+  written atomically (:func:`common.io.atomic_open`).
 
 When the data root is read-only, the store lives in the user cache instead (:func:`store_folders`,
 :mod:`datasets.storage`); readers look in ``<dataset_dir>/captions/`` first.
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from common.errors import ExpectedError
+from common.io import atomic_open
 from datasets import storage
 
 logger = logging.getLogger(__name__)
@@ -353,8 +354,6 @@ def write_caption_features(
 
     if features.ndim != 2 or features.shape[0] != len(relpaths):
         raise ValueError(f"features {tuple(features.shape)} do not match {len(relpaths)} relpaths")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": STORE_FORMAT,
         "version": str(STORE_VERSION),
@@ -362,16 +361,9 @@ def write_caption_features(
         "info": json.dumps(dict(info or {}), sort_keys=True),
         "relpaths": json.dumps(list(relpaths)),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        data = save({FEATURES_KEY: features.detach().to("cpu", torch.float32).contiguous()}, metadata)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = save({FEATURES_KEY: features.detach().to("cpu", torch.float32).contiguous()}, metadata)
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
 
 
 def read_caption_features(path: Path) -> CaptionFeatures:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,30 +59,44 @@ class CorruptImageError(DatasetError, ValueError):
 
 
 # ------------------------------------------------------------------------------------------ catalogue
+_NOT_STATED = "Not stated by the authors; distributed for academic research use."
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """One catalogue row.
+    """One catalogue row; a row states only what differs from the defaults.
 
     ``images_source`` is ``gdrive:<file id>``, an ``http(s)://`` URL, ``generated`` (built offline by
-    ``tools.prepare_data``) or ``manual:<what to download and from where>``.
+    ``tools.prepare_data``) or ``manual:<what to download and from where>``. ``dir`` defaults to ``name``,
+    ``num_classes`` to the number of ``classnames`` and ``split_url`` (when there is a ``split_file``) to the
+    APPLeNet repository's copy of that file.
     """
 
     name: str
-    dir: str
-    num_classes: int
     classnames: tuple[str, ...]
-    display_names: dict[str, str]
-    split_file: str | None
-    split_md5: str | None
-    split_url: str | None
     images_source: str
-    images_md5: str | None
-    template: str
-    license: str
     citation: str
+    dir: str = ""
+    num_classes: int = 0
+    display_names: dict[str, str] = field(default_factory=dict)
+    split_file: str | None = None
+    split_md5: str | None = None
+    split_url: str | None = None
+    split_sizes: tuple[int, int, int] | None = None  # train/val/test of the official split file
+    images_md5: str | None = None
+    template: str = DEFAULT_TEMPLATE
+    license: str = _NOT_STATED
     homepage: str = ""
     description: str = ""
-    split_sizes: tuple[int, int, int] | None = None  # train/val/test of the official split file
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            object.__setattr__(self, "dir", self.name)
+        if self.num_classes and self.num_classes != len(self.classnames):
+            raise ValueError(f"{self.name}: num_classes {self.num_classes} but {len(self.classnames)} classnames")
+        object.__setattr__(self, "num_classes", len(self.classnames))
+        if self.split_file and self.split_url is None:
+            object.__setattr__(self, "split_url", SPLIT_URL.format(Path(self.split_file).stem))
 
     @property
     def source_kind(self) -> str:
@@ -115,35 +129,27 @@ _V2_LICENSE = (
     "Re-distribution by the APPLeNet authors of images from {src}; the source dataset's terms apply "
     "(academic research use)."
 )
-_NOT_STATED = "Not stated by the authors; distributed for academic research use."
 
 
 def _v2(name: str, src: str, drive_id: str, md5: str, sizes: tuple[int, int, int]) -> DatasetInfo:
     return DatasetInfo(
         name=name,
-        dir=name,
-        num_classes=16,
         classnames=_V2_CLASSES,
         display_names=dict(_V2_DISPLAY),
         split_file=f"{name.lower()}.json",
         split_md5=md5,
-        split_url=SPLIT_URL.format(name.lower()),
+        split_sizes=sizes,
         images_source=f"gdrive:{drive_id}",
-        images_md5=None,
-        template=DEFAULT_TEMPLATE,
         license=_V2_LICENSE.format(src=src),
         citation=_APPLENET_CITATION,
         homepage="https://github.com/mainaksingha01/APPLeNet",
         description=f"The 16 classes {src} shares with the other v2 sets (domain-generalisation protocol).",
-        split_sizes=sizes,
     )
 
 
 _ROWS = (
     DatasetInfo(
         name="PatternNet",
-        dir="PatternNet",
-        num_classes=38,
         classnames=(
             "oil_well", "runway", "baseball_field", "sparse_residential", "parking_lot", "oil_gas_field",
             "wastewater_treatment_plant", "crosswalk", "swimming_pool", "shipping_yard", "harbor",
@@ -153,14 +159,10 @@ _ROWS = (
             "cemetery", "river", "solar_panel", "chaparral", "ferry_terminal", "storage_tank",
             "dense_residential", "beach", "football_field", "freeway", "airplane",
         ),  # fmt: skip
-        display_names={},
         split_file="patternnet.json",
         split_md5="16b950df95ab777eb9bcc8a402660652",
-        split_url=SPLIT_URL.format("patternnet"),
         images_source="gdrive:127lxXYqzO6Bd0yZhvEbgIfz95HaEnr9K",
         images_md5="96d54b3224c5350a98d55d5a7e6984ad",
-        template=DEFAULT_TEMPLATE,
-        license=_NOT_STATED,
         citation=(
             "W. Zhou, S. Newsam, C. Li, Z. Shao. PatternNet: A benchmark dataset for performance "
             "evaluation of remote sensing image retrieval. ISPRS J. Photogramm. Remote Sens. 145, 2018."
@@ -171,8 +173,6 @@ _ROWS = (
     ),
     DatasetInfo(
         name="RSICD",
-        dir="RSICD",
-        num_classes=30,
         classnames=(
             "center", "farmland", "baseballfield", "playground", "industrial", "storagetanks", "resort",
             "forest", "bridge", "port", "railwaystation", "sparseresidential", "viaduct", "airport",
@@ -191,14 +191,10 @@ _ROWS = (
         },
         split_file="rsicd.json",
         split_md5="428f0a39f30fc83ec0ce3501e0e9fdf3",
-        split_url=SPLIT_URL.format("rsicd"),
         images_source=(
             "manual:Download the RSICD images (the folder RSICD_images, 10,921 .jpg files, as an archive "
             "or extracted) from the links in the README of https://github.com/201528014227051/RSICD_optimal"
         ),
-        images_md5=None,
-        template=DEFAULT_TEMPLATE,
-        license=_NOT_STATED,
         citation=(
             "X. Lu, B. Wang, X. Zheng, X. Li. Exploring Models and Data for Remote Sensing Image Caption "
             "Generation. IEEE TGRS 56(4), 2018."
@@ -209,8 +205,6 @@ _ROWS = (
     ),
     DatasetInfo(
         name="RESISC45",
-        dir="RESISC45",
-        num_classes=45,
         classnames=(
             "runway", "lake", "sparse_residential", "wetland", "parking_lot", "roundabout", "terrace",
             "sea_ice", "baseball_diamond", "harbor", "palace", "ship", "intersection", "forest",
@@ -221,17 +215,13 @@ _ROWS = (
             "stadium", "medium_residential", "rectangular_farmland", "snowberg", "storage_tank",
             "dense_residential", "beach", "freeway", "airplane",
         ),  # fmt: skip
-        display_names={},
         split_file="resisc45.json",
         split_md5="c4ab31f5cac405b31383e2e88a23748e",
-        split_url=SPLIT_URL.format("resisc45"),
         images_source=(
             "https://hf.co/datasets/isaaccorley/resisc45/resolve/"
             "883edc0eee77b2c84225472f10f126e3ed83fa6e/NWPU-RESISC45.zip"
         ),
         images_md5="75206b2e16446591afa88e2628744886",
-        template=DEFAULT_TEMPLATE,
-        license=_NOT_STATED,
         citation=(
             "G. Cheng, J. Han, X. Lu. Remote Sensing Image Scene Classification: Benchmark and State of "
             "the Art. Proceedings of the IEEE 105(10), 2017."
@@ -242,8 +232,6 @@ _ROWS = (
     ),
     DatasetInfo(
         name="MLRSNet",
-        dir="MLRSNet",
-        num_classes=46,
         classnames=(
             "airplane", "airport", "bareland", "baseball_diamond", "basketball_court", "beach", "bridge",
             "chaparral", "cloud", "commercial_area", "dense_residential_area", "desert",
@@ -255,15 +243,10 @@ _ROWS = (
             "terrace", "transmission_tower", "vegetable_greenhouse", "wetland", "wind_turbine",
         ),  # fmt: skip
         display_names={"bareland": "bare land", "harbor&port": "harbor and port", "swimmimg_pool": "swimming pool"},
-        split_file=None,
-        split_md5=None,
-        split_url=None,
         images_source=(
             "manual:Download the MLRSNet images (folder Images: one .rar archive per class) from "
             "https://data.mendeley.com/datasets/7j9bv9vwsx/3"
         ),
-        images_md5=None,
-        template=DEFAULT_TEMPLATE,
         license="CC BY 4.0 (Mendeley Data record).",
         citation=(
             "X. Qi, P. Zhu, Y. Wang, L. Zhang, J. Peng, M. Wu, J. Chen, X. Zhao, N. Zang, P. T. Mathiopoulos. "
@@ -283,8 +266,6 @@ _ROWS = (
         (19163, 8219, 11741)),
     DatasetInfo(
         name="UCMerced",
-        dir="UCMerced",
-        num_classes=21,
         classnames=(
             "agricultural", "airplane", "baseballdiamond", "beach", "buildings", "chaparral",
             "denseresidential", "forest", "freeway", "golfcourse", "harbor", "intersection",
@@ -303,15 +284,11 @@ _ROWS = (
             "storagetanks": "storage tanks",
             "tenniscourt": "tennis court",
         },
-        split_file=None,
-        split_md5=None,
-        split_url=None,
         images_source=(
             "https://hf.co/datasets/torchgeo/ucmerced/resolve/"
             "7c5ef3454d9b1cccfa7ccde0c01fc8f00a45909a/UCMerced_LandUse.zip"
         ),
         images_md5="5b7ec56793786b6dc8a908e8854ac0e4",
-        template=DEFAULT_TEMPLATE,
         license="Public-domain imagery (USGS National Map Urban Area Imagery); cite the paper.",
         citation=(
             "Y. Yang, S. Newsam. Bag-of-visual-words and spatial extensions for land-use classification. "
@@ -322,8 +299,6 @@ _ROWS = (
     ),
     DatasetInfo(
         name="AID",
-        dir="AID",
-        num_classes=30,
         classnames=(
             "Airport", "BareLand", "BaseballField", "Beach", "Bridge", "Center", "Church", "Commercial",
             "DenseResidential", "Desert", "Farmland", "Forest", "Industrial", "Meadow",
@@ -331,17 +306,10 @@ _ROWS = (
             "RailwayStation", "Resort", "River", "School", "SparseResidential", "Square", "Stadium",
             "StorageTanks", "Viaduct",
         ),  # fmt: skip
-        display_names={},
-        split_file=None,
-        split_md5=None,
-        split_url=None,
         images_source=(
             "manual:Download AID (10,000 .jpg images in 30 class folders, archive AID.zip or AID.rar) from "
             "the OneDrive or Baidu links on https://captain-whu.github.io/AID/"
         ),
-        images_md5=None,
-        template=DEFAULT_TEMPLATE,
-        license=_NOT_STATED,
         citation=(
             "G.-S. Xia, J. Hu, F. Hu, B. Shi, X. Bai, Y. Zhong, L. Zhang, X. Lu. AID: A Benchmark Data Set "
             "for Performance Evaluation of Aerial Scene Classification. IEEE TGRS 55(7), 2017."
@@ -352,23 +320,15 @@ _ROWS = (
     DatasetInfo(
         name="WHURS19",
         dir="WHU-RS19",
-        num_classes=19,
         classnames=(
             "Airport", "Beach", "Bridge", "Commercial", "Desert", "Farmland", "footballField", "Forest",
             "Industrial", "Meadow", "Mountain", "Park", "Parking", "Pond", "Port", "railwayStation",
             "Residential", "River", "Viaduct",
         ),  # fmt: skip
-        display_names={},
-        split_file=None,
-        split_md5=None,
-        split_url=None,
         images_source=(
             "manual:Download WHU-RS19 (1,005 .jpg images in 19 class folders, archive WHU-RS19.zip) from "
             "the CAPTAIN group's dataset page https://captain-whu.github.io/BED4RS/ (or a mirror of it)"
         ),
-        images_md5=None,
-        template=DEFAULT_TEMPLATE,
-        license=_NOT_STATED,
         citation=(
             "D. Dai, W. Yang. Satellite Image Classification via Two-Layer Sparse Coding With Biased Image "
             "Representation. IEEE GRSL 8(1), 2011."
@@ -378,8 +338,6 @@ _ROWS = (
     ),
     DatasetInfo(
         name="EuroSAT",
-        dir="EuroSAT",
-        num_classes=10,
         classnames=(
             "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
             "PermanentCrop", "Residential", "River", "SeaLake",
@@ -394,9 +352,6 @@ _ROWS = (
             "Residential": "residential buildings",
             "SeaLake": "sea or lake",
         },
-        split_file=None,
-        split_md5=None,
-        split_url=None,
         images_source=(
             "https://hf.co/datasets/torchgeo/eurosat/resolve/"
             "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip"
@@ -414,7 +369,6 @@ _ROWS = (
     DatasetInfo(
         name="OPTIMAL31",
         dir="OPTIMAL-31",
-        num_classes=31,
         classnames=(
             "airplane", "airport", "baseball_diamond", "basketball_court", "beach", "bridge",
             "chaparral", "church", "circular_farmland", "commercial_area", "dense_residential",
@@ -423,18 +377,11 @@ _ROWS = (
             "mobile_home_park", "mountain", "overpass", "parking_lot", "railway",
             "rectangular_farmland", "roundabout", "runway",
         ),  # fmt: skip
-        display_names={},
-        split_file=None,
-        split_md5=None,
-        split_url=None,
         images_source=(
             "manual:Download OPTIMAL-31 (1,860 .jpg images in 31 class folders) as distributed by the "
             "authors of Wang et al., TGRS 2019 (Q. Wang's group, Northwestern Polytechnical University); "
             "there is no stable official direct link"
         ),
-        images_md5=None,
-        template=DEFAULT_TEMPLATE,
-        license=_NOT_STATED,
         citation=(
             "Q. Wang, S. Liu, J. Chanussot, X. Li. Scene Classification With Recurrent Attention of VHR "
             "Remote Sensing Images. IEEE TGRS 57(2), 2019."
@@ -443,16 +390,8 @@ _ROWS = (
     ),
     DatasetInfo(
         name="ToyRS",
-        dir="ToyRS",
-        num_classes=8,
         classnames=("farmland", "water", "road", "buildings", "forest", "desert", "parking_lot", "river"),
-        display_names={},
-        split_file=None,
-        split_md5=None,
-        split_url=None,
         images_source="generated",
-        images_md5=None,
-        template=DEFAULT_TEMPLATE,
         license="Generated by this repository (datasets/toyrs.py); same licence as the code.",
         citation="None: procedurally drawn aerial-like scenes for smoke runs and tests.",
         description="480 procedurally drawn aerial-like PNG images, 64x64 px, 8 classes x 60, deterministic.",
@@ -565,7 +504,7 @@ def spec_from_cfg(cfg: CfgNode, ref: str | None = None) -> DatasetSpec:
     if info is None and name != GENERIC_NAME:
         raise DatasetError(
             f"Unknown dataset name DATASET.NAME={name!r}. Use one of {', '.join(CATALOG)}, or "
-            f"{GENERIC_NAME!r} with DATASET.FOLDER set (see DATASETS.md, 'Adding a dataset')."
+            f"{GENERIC_NAME!r} with DATASET.FOLDER set (see docs/datasets.md, 'Adding a dataset')."
         )
     folder = str(node.get("FOLDER", "") or (info.dir if info else ""))
     if not folder:

@@ -85,7 +85,7 @@ class NamedImageErrors(DatasetWrapper):
 
 
 class ImageFolderRS(RemoteSensingDataset):
-    """Any folder of class sub-folders, configured entirely from yaml (see DATASETS.md).
+    """Any folder of class sub-folders, configured entirely from yaml (see docs/datasets.md).
 
     Keys: ``DATASET.FOLDER`` (required), ``SPLIT_FILE``/``SPLIT_MD5`` (optional; otherwise a seeded
     49/21/30 split is generated once), ``CLASSNAME_MAP`` (folder name -> prompt name), ``TEMPLATE``.

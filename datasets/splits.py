@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from common.io import file_digest
 from datasets import storage
 from datasets.catalog import ChecksumError, DatasetNotFoundError, DatasetSpec, SplitError
 
@@ -34,15 +35,6 @@ _SHOW = 5  # how many offending paths an error message lists
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def file_md5(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex md5 of a file, read in chunks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _first(paths: Sequence[str]) -> str:
     shown = ", ".join(str(p) for p in paths[:_SHOW])
     return shown + (", ..." if len(paths) > _SHOW else "")
@@ -120,7 +112,7 @@ def read_split_file(
     path = Path(path)
     if not path.is_file():
         raise DatasetNotFoundError(f"Split file {path} does not exist.")
-    actual = file_md5(path) if expected_md5 else None
+    actual = file_digest(path, "md5") if expected_md5 else None
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -174,7 +166,7 @@ def list_image_tree(image_dir: str | Path, classnames: Sequence[str] | None = No
         if absent:
             raise SplitError(
                 f"{len(absent)} class folders are missing under {image_dir}: {_first(absent)}. "
-                "Prepare the dataset again, or check the folder names against DATASETS.md."
+                "Prepare the dataset again, or check the folder names against docs/datasets.md."
             )
         extra = [f for f in folders if f not in set(order)]
         if extra:

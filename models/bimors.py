@@ -1,4 +1,4 @@
-"""BiMoRS: bi-modal (image + caption) conditioning of CLIP text prompts (DESIGN.md section 4).
+"""BiMoRS: bi-modal (image + caption) conditioning of CLIP text prompts (docs/design.md section 4).
 
 Per image: a visual token (the ViT's token sequence before ``ln_post``, through a meta-net applied per token,
 averaged over tokens) and a caption token (a projected caption-encoder vector) are the keys/values of a
@@ -13,7 +13,6 @@ Module and parameter names inside ``prompt_learner`` follow the published code (
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -21,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
-from models.backbone import TextEncoder, VisualEncoder, freeze
-from models.prompts import ClassPrompts, init_context
+from models.encoders import TextEncoder, VisualEncoder, freeze
+from models.prompts import ClassPrompts, init_context, meta_net
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +89,7 @@ class BiMoRSPromptLearner(nn.Module):
         self.ctx = nn.Parameter(ctx.float())
         n_ctx = self.ctx.shape[0]
         logger.info('BiMoRS initial context: "%s" (%d tokens); caption dim %d', prefix_text, n_ctx, caption_dim)
-        self.meta_net = nn.Sequential(
-            OrderedDict(
-                [
-                    ("linear1", nn.Linear(vis_width, vis_width // 16)),
-                    ("relu", nn.ReLU(inplace=True)),
-                    ("linear2", nn.Linear(vis_width // 16, ctx_dim)),
-                ]
-            )
-        )
+        self.meta_net = meta_net(vis_width, ctx_dim)  # applied per ViT token
         self.cross_attn = CrossAttention(ctx_dim, n_heads)
         self.caption_proj = (
             nn.Linear(caption_dim, ctx_dim) if caption_proj_trainable else FrozenLinear(caption_dim, ctx_dim)

@@ -4,7 +4,7 @@ For image b the prompts are ``[SOS] (ctx + pi_b) <classname> . [EOS]`` with ``pi
 ``f_b`` the normalised image feature (Linear(E, E/16) -> ReLU -> Linear(E/16, D)). Every image has its own
 C class prompts, so the text encoder sees B x C prompts. They go through one encoder call on the truncated
 sequence, and ``[SOS] + ctx'`` (class independent) is encoded once per image and shared by its C class
-suffixes (:meth:`models.backbone.TextEncoder.forward_shared_prefix`); both are exact (DESIGN.md section 7).
+suffixes (:meth:`models.encoders.TextEncoder.forward_shared_prefix`); both are exact (docs/design.md section 7).
 
 State-dict keys of ``prompt_learner`` are upstream's (``ctx``, ``meta_net.linear1.weight``, ...).
 """
@@ -12,28 +12,16 @@ State-dict keys of ``prompt_learner`` are upstream's (``ctx``, ``meta_net.linear
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import TextEncoder, VisualEncoder, freeze
-from models.prompts import ClassPrompts, init_context
+from models.encoders import TextEncoder, VisualEncoder, freeze
+from models.prompts import ClassPrompts, init_context, meta_net
 
 logger = logging.getLogger(__name__)
-
-
-def meta_net(in_dim: int, out_dim: int, reduction: int = 16) -> nn.Sequential:
-    """CoCoOp's meta-net: Linear(in, in/16) -> ReLU -> Linear(in/16, out), with upstream module names."""
-    hidden = in_dim // reduction
-    layers = [
-        ("linear1", nn.Linear(in_dim, hidden)),
-        ("relu", nn.ReLU(inplace=True)),
-        ("linear2", nn.Linear(hidden, out_dim)),
-    ]
-    return nn.Sequential(OrderedDict(layers))
 
 
 class CoCoOpPromptLearner(nn.Module):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
-from models.backbone import TextEncoder, VisualEncoder, freeze
+from models.encoders import TextEncoder, VisualEncoder, freeze
 from models.prompts import ClassPrompts, init_context
 
 logger = logging.getLogger(__name__)

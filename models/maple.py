@@ -10,7 +10,7 @@
 
 ``J`` is ``prompt_depth`` (upstream ``PROMPT_DEPTH``, 1 = shallow MaPLe); it is capped at the number of
 layers of the shallower tower. Both towers run CLIP's stock residual blocks
-(:func:`models.backbone.residual_block`) and replace prompt tokens between blocks; CLIP is never edited.
+(:func:`models.encoders.residual_block`) and replace prompt tokens between blocks; CLIP is never edited.
 The text sequence is truncated after the longest end-of-text token (exact under the causal mask).
 
 State-dict keys of ``prompt_learner`` are upstream's (``ctx``, ``proj.*``, ``compound_prompts_text.N``,
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
-from models.backbone import TextEncoder, VisualEncoder, freeze, residual_block, tokenize
+from models.encoders import TextEncoder, VisualEncoder, freeze, residual_block, tokenize
 from models.prompts import ClassPrompts, bpe_length
 
 logger = logging.getLogger(__name__)

@@ -1,15 +1,16 @@
-"""Shared prompt pieces: class prompts as frozen token embeddings, context initialisation, templates."""
+"""Shared prompt pieces: class prompts as frozen token embeddings, context initialisation, the meta-net, templates."""
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from clip.simple_tokenizer import SimpleTokenizer
 from torch import nn
 
-from models.backbone import eot_positions, tokenize
+from models.encoders import eot_positions, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,17 @@ def bpe_length(text: str) -> int:
 def clean_classname(name: str) -> str:
     """Display form of a raw class folder name (underscores to spaces)."""
     return name.replace("_", " ").strip()
+
+
+def meta_net(in_dim: int, out_dim: int, reduction: int = 16) -> nn.Sequential:
+    """CoCoOp's meta-net: Linear(in, in/16) -> ReLU -> Linear(in/16, out), with upstream module names."""
+    hidden = in_dim // reduction
+    layers = [
+        ("linear1", nn.Linear(in_dim, hidden)),
+        ("relu", nn.ReLU(inplace=True)),
+        ("linear2", nn.Linear(hidden, out_dim)),
+    ]
+    return nn.Sequential(OrderedDict(layers))
 
 
 @torch.no_grad()

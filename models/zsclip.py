@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import TextEncoder, VisualEncoder, eot_positions, freeze, tokenize
+from models.encoders import TextEncoder, VisualEncoder, eot_positions, freeze, tokenize
 from models.prompts import clean_classname
 
 

@@ -70,9 +70,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_collection_finish(session: pytest.Session) -> None:
     if not HAVE_DASSL:
         n = sum(_needs_dassl(item) for item in session.items)
-        session.config.get_terminal_reporter().write_line(
-            f"!!! Dassl.pytorch is not installed: {n} tests will skip. Fix: {DASSL_FIX}.", red=True, bold=True
-        )
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        line = f"!!! Dassl.pytorch is not installed: {n} tests will skip. Fix: {DASSL_FIX}."
+        if reporter is not None:
+            reporter.write_line(line, red=True, bold=True)
+        else:
+            sys.stderr.write(line + "\n")
 
 
 @pytest.hookimpl(hookwrapper=True)

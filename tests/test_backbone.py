@@ -1,15 +1,23 @@
-"""Backbone loading (every source, offline) and the exactness of the fast encoders."""
+"""Backbone table and weight loading (every source, offline), and the exactness of the fast encoders."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+import shutil
+import threading
+import urllib.request
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 from conftest import assert_close_fp32
 
-from models import backbone as bb
-from models.backbone import TextEncoder, VisualEncoder, build_toy_clip, eot_positions, load_clip, tokenize
+from common.io import file_digest
+from models import reference, weights
+from models.encoders import SuffixRows, TextEncoder, VisualEncoder, eot_positions, tokenize
+from models.weights import build_toy_clip, load_clip
 
 PROMPTS = [
     "a satellite photo of a baseball field.",
@@ -23,15 +31,15 @@ def toy():
     return build_toy_clip(seed=3)
 
 
-def _tiny_hf_clip():
+def _tiny_hf_clip(act: str = "quick_gelu"):
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
     text = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                num_attention_heads=1, max_position_embeddings=77, hidden_act="quick_gelu",
+                num_attention_heads=1, max_position_embeddings=77, hidden_act=act,
                 bos_token_id=49406, eos_token_id=2)
     vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-                  image_size=32, patch_size=16, hidden_act="quick_gelu")
+                  image_size=32, patch_size=16, hidden_act=act)
     cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
     model = CLIPModel(cfg).eval()
     with torch.no_grad():  # non-trivial layer norms and embeddings
@@ -45,9 +53,10 @@ def _features(out):
     return out if torch.is_tensor(out) else out.pooler_output
 
 
-def test_hf_conversion_matches_hf_model(tmp_path):
-    hf = _tiny_hf_clip()
-    oa = bb._from_state_dict(bb.hf_to_openai_state_dict(hf.state_dict()))
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_hf_conversion_matches_hf_model(tmp_path, act):
+    hf = _tiny_hf_clip(act)
+    oa = weights.from_state_dict(weights.hf_to_openai_state_dict(hf.state_dict()), weights._hf_activation(hf.config))
     images = torch.randn(3, 3, 32, 32)
     tokens = tokenize(PROMPTS)
     with torch.no_grad():
@@ -78,12 +87,17 @@ def test_load_from_state_dict_file(tmp_path, toy, nested):
         assert torch.equal(model.state_dict()[key], value), key
 
 
+def toy_arch() -> weights.CLIPArch:
+    return weights.BACKBONES["toy"].arch
+
+
 def _fake_openai_name(monkeypatch, tmp_path, model):
     """Register a fake OpenAI model whose URL carries the SHA-256 of a saved toy state dict."""
     src = tmp_path / "src.pt"
     torch.save(model.state_dict(), src)
-    sha = bb.sha256_file(src)
-    monkeypatch.setitem(bb.OPENAI_URLS, "Toy-B/16", f"https://openaipublic.invalid/clip/models/{sha}/Toy-B-16.pt")
+    sha = file_digest(src)
+    url = f"https://openaipublic.invalid/clip/models/{sha}/Toy-B-16.pt"
+    monkeypatch.setitem(weights.BACKBONES, "Toy-B/16", weights.Backbone(toy_arch(), url))
     return src, sha
 
 
@@ -97,13 +111,50 @@ def test_load_from_cache_dir(tmp_path, toy, monkeypatch):
     assert torch.equal(model.token_embedding.weight, toy.token_embedding.weight)
 
 
+@pytest.fixture
+def web_root(tmp_path):
+    """A folder served over HTTP on localhost: ``(folder, base URL)``."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_from_the_openai_url_is_checked_then_cached(tmp_path, toy, monkeypatch, web_root):
+    root, base = web_root
+    src, sha = _fake_openai_name(monkeypatch, tmp_path, toy)
+    (root / sha).mkdir()
+    shutil.copy(src, root / sha / "Toy-B-16.pt")
+    monkeypatch.setitem(weights.BACKBONES, "Toy-B/16", weights.Backbone(toy_arch(), f"{base}/{sha}/Toy-B-16.pt"))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CLIP_CACHE", str(cache))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = load_clip("Toy-B/16", download=True)
+    assert torch.equal(model.token_embedding.weight, toy.token_embedding.weight)
+    assert [p.name for p in cache.iterdir()] == ["Toy-B-16.pt"]  # no temporary file left
+    (cache / "Toy-B-16.pt").unlink()
+    (root / sha / "Toy-B-16.pt").write_bytes(b"tampered on the way")
+    with pytest.raises(weights.CorruptWeightsError, match=f"SHA-256 .*expected {sha}"):
+        load_clip("Toy-B/16")
+    assert list(cache.iterdir()) == []  # a download that fails its checksum is never cached
+
+
 def test_corrupt_cache_file_names_file_and_checksum(tmp_path, toy, monkeypatch):
     _, sha = _fake_openai_name(monkeypatch, tmp_path, toy)
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "Toy-B-16.pt").write_bytes(b"truncated download")
     monkeypatch.setenv("CLIP_CACHE", str(cache))
-    with pytest.raises(bb.CorruptWeightsError) as err:
+    with pytest.raises(weights.CorruptWeightsError) as err:
         load_clip("Toy-B/16")
     assert str(cache / "Toy-B-16.pt") in str(err.value) and sha in str(err.value)
 
@@ -111,7 +162,7 @@ def test_corrupt_cache_file_names_file_and_checksum(tmp_path, toy, monkeypatch):
 def test_corrupt_explicit_file(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(bb.CorruptWeightsError, match="bad.pt"):
+    with pytest.raises(weights.CorruptWeightsError, match="bad.pt"):
         load_clip("ViT-B/16", path=bad)
 
 
@@ -122,9 +173,9 @@ def test_nothing_found_lists_every_source(tmp_path, monkeypatch, caplog):
     def no_network(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(bb.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
     caplog.set_level(logging.INFO)
-    with pytest.raises(bb.BackboneNotFoundError) as err:
+    with pytest.raises(weights.BackboneNotFoundError) as err:
         load_clip("ViT-B/16")
     msg = str(err.value)
     assert "local cache" in msg and "OpenAI URL" in msg and "Hugging Face hub: openai/clip-vit-base-patch16" in msg
@@ -133,7 +184,7 @@ def test_nothing_found_lists_every_source(tmp_path, monkeypatch, caplog):
 
 
 def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(bb.UnknownBackboneError) as err:
+    with pytest.raises(weights.UnknownBackboneError) as err:
         load_clip("ViT-X/99")
     assert "ViT-B/16" in str(err.value) and "toy" in str(err.value)
 
@@ -146,6 +197,62 @@ def test_toy_is_seeded_and_loud(caplog):
     assert a.visual.input_resolution == 224 and a.visual.conv1.weight.shape[0] % 64 == 0
 
 
+# ---------------------------------------------------------------------------------------------- the table
+def test_every_openai_model_has_a_row_with_its_file():
+    from clip import clip as openai_clip
+
+    assert set(openai_clip.available_models()) <= set(weights.BACKBONES)
+    for name in openai_clip.available_models():
+        row = weights.BACKBONES[name]
+        assert row.filename.endswith(".pt") and len(row.sha256) == 64, name
+
+
+@pytest.mark.parametrize("name", sorted(weights.BACKBONES))
+def test_row_architecture_is_what_clip_builds(name):
+    """Each row's sizes survive a build: reading them back from the built model's state dict gives the row."""
+    arch = weights.BACKBONES[name].arch
+    with torch.device("meta"):  # shapes only: even RN50x64 costs nothing
+        state = arch.build().state_dict()
+    assert weights.CLIPArch.from_state_dict(state, arch.activation) == arch
+
+
+def test_gelu_architecture_builds_gelu_blocks_and_the_encoders_stay_exact():
+    arch = dataclasses.replace(weights.BACKBONES["toy"].arch, activation="gelu")
+    torch.manual_seed(0)
+    model = arch.build()
+    blocks = [*model.transformer.resblocks, *model.visual.transformer.resblocks]
+    assert all(isinstance(b.mlp.gelu, torch.nn.GELU) for b in blocks)
+    tokens = tokenize(PROMPTS)
+    emb = model.token_embedding(tokens).detach()
+    eot = eot_positions(tokens)
+    with torch.no_grad():
+        assert_close_fp32(TextEncoder(model)(emb, eot), reference.stock_text(model, emb, eot))
+        images = torch.randn(2, 3, 224, 224)
+        assert_close_fp32(VisualEncoder(model)(images)[0], model.encode_image(images))
+    with pytest.raises(ValueError, match="'relu' is not one of quick_gelu, gelu"):
+        dataclasses.replace(arch, activation="relu")
+
+
+def test_explicit_path_takes_the_activation_of_the_named_row(tmp_path, toy, monkeypatch):
+    torch.save(toy.state_dict(), tmp_path / "w.pt")
+    toy_arch = weights.BACKBONES["toy"].arch
+    monkeypatch.setitem(weights.BACKBONES, "Toy-GELU", weights.Backbone(dataclasses.replace(toy_arch, activation="gelu")))
+    gelu_model, openai_model = load_clip("Toy-GELU", path=tmp_path / "w.pt"), load_clip("ViT-B/16", path=tmp_path / "w.pt")
+    assert isinstance(gelu_model.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    assert not isinstance(openai_model.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    assert weights.CLIPArch.from_state_dict(toy.state_dict()) == toy_arch
+
+
+def test_random_clip_is_seeded_and_leaves_the_global_generator_alone():
+    before = torch.random.get_rng_state()
+    a, b = weights.random_clip("toy", seed=5), weights.random_clip("toy", seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(weights.UnknownBackboneError, match="Valid names: RN50"):
+        weights.random_clip("ViT-Z/1")
+
+
+# ---------------------------------------------------------------------------------------------- encoders
 def assert_same_values_and_grads(out, ref, inp, inp_ref) -> None:
     """``out`` equals ``ref`` and so do the gradients of a (seeded) random projection w.r.t. their inputs."""
     assert_close_fp32(out, ref)
@@ -156,19 +263,13 @@ def assert_same_values_and_grads(out, ref, inp, inp_ref) -> None:
     assert_close_fp32(inp.grad, inp_ref.grad)
 
 
-def _stock_text(toy, prompts: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-    """Straightforward formulation: the stock transformer over all 77 tokens of (N, 77, D) prompts."""
-    x = toy.transformer((prompts + toy.positional_embedding).permute(1, 0, 2)).permute(1, 0, 2)
-    return toy.ln_final(x)[torch.arange(len(prompts)), eot] @ toy.text_projection
-
-
 def test_text_encoder_truncated_equals_full(toy):
     encoder = TextEncoder(toy)
     tokens = tokenize(PROMPTS)
     prompts = toy.token_embedding(tokens).detach().requires_grad_(True)
     eot = eot_positions(tokens)
     full = prompts.detach().clone().requires_grad_(True)
-    ref = _stock_text(toy, full, eot)
+    ref = reference.stock_text(toy, full, eot)
     assert_same_values_and_grads(encoder(prompts, eot), ref, prompts, full)
 
 
@@ -192,13 +293,13 @@ def test_shared_prefix_equals_full_prompts(toy):
     assert len(set(eot.tolist())) == 3  # prompts end at different positions: the ragged rows are exercised
     prefix_ref = prefix.detach().clone().requires_grad_(True)
     full = torch.cat([prefix_ref[:, None].expand(-1, 3, -1, -1), suffix[None].expand(4, -1, -1, -1)], dim=2)
-    ref = _stock_text(toy, full.reshape(12, 77, -1), eot.repeat(4)).view(4, 3, -1)
+    ref = reference.stock_text(toy, full.reshape(12, 77, -1), eot.repeat(4)).view(4, 3, -1)
     assert_same_values_and_grads(encoder.forward_shared_prefix(prefix, suffix, eot), ref, prefix, prefix_ref)
 
 
 def test_suffix_rows_pack_and_grid():
     eot = torch.tensor([1, 3, 0])
-    rows = bb.SuffixRows(eot, 4)
+    rows = SuffixRows(eot, 4)
     assert not rows.full and rows.n_rows == 2 + 4 + 1
     grid = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4, 1)
     packed = rows.pack(grid)
@@ -210,7 +311,7 @@ def test_suffix_rows_pack_and_grid():
     # a slot after a prompt's end holds that prompt's end-of-text row
     assert back[0, 0, 3, 0] == grid[0, 0, 1, 0] and back[1, 2, 2, 0] == grid[1, 2, 0, 0]
     assert packed.view(2, 7)[:, rows.eot_rows].tolist() == [[1, 7, 8], [13, 19, 20]]
-    assert bb.SuffixRows(torch.tensor([3, 3]), 4).full
+    assert SuffixRows(torch.tensor([3, 3]), 4).full
 
 
 def test_shared_prefix_rejects_eot_inside_prefix(toy):
@@ -226,9 +327,7 @@ def test_visual_encoder_matches_encode_image_and_exposes_tokens(toy):
     feats, tokens = VisualEncoder(toy)(images)
     with torch.no_grad():
         ref = toy.encode_image(images)
-        x = toy.visual.conv1(images).flatten(2).transpose(1, 2)
-        x = torch.cat([toy.visual.class_embedding.expand(2, 1, -1), x], 1) + toy.visual.positional_embedding
-        x = toy.visual.transformer(toy.visual.ln_pre(x).permute(1, 0, 2)).permute(1, 0, 2)
+        _, x = reference.stock_vit(toy, images)
     assert (feats - ref).abs().max() <= 1e-5
     assert tokens.shape == (2, 197, 64)
     assert (tokens - x).abs().max() <= 1e-5

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from clip.model import CLIP
 from conftest import assert_close_fp32
 
-from models.backbone import build_toy_clip
+from models import reference
 from models.bimors import BiMoRSModel
+from models.weights import build_toy_clip, random_clip
 
 CLASSES = ["baseball_field", "dense residential area", "harbor", "tennis court", "river"]
 
@@ -18,24 +18,6 @@ def _model(caption_dim: int = 32, trainable: bool = True, seed: int = 0) -> BiMo
     torch.manual_seed(seed)
     clip_model = build_toy_clip(seed=seed)
     return BiMoRSModel(clip_model, CLASSES, caption_dim=caption_dim, caption_proj_trainable=trainable)
-
-
-def reference_logits(model: BiMoRSModel, clip_model, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-    """Straightforward formulation: per image, full 77-token prompts through CLIP's stock text transformer
-    (with its own 77x77 causal mask), image encoder under autograd."""
-    learner, prompts = model.prompt_learner, model.prompt_learner.prompts
-    rows = []
-    for b in range(images.shape[0]):
-        feats, tokens = model.visual(images[b : b + 1])
-        ctx = learner(tokens, captions[b : b + 1])[0]  # (n_ctx, D)
-        full = clip_model.token_embedding(prompts.tokens).detach().clone()  # (C, 77, D)
-        full[:, 1 : 1 + learner.ctx.shape[0]] = ctx
-        x = clip_model.transformer((full + clip_model.positional_embedding).permute(1, 0, 2))
-        x = clip_model.ln_final(x.permute(1, 0, 2))
-        txt = x[torch.arange(len(CLASSES)), prompts.eot] @ clip_model.text_projection
-        img = F.normalize(feats, dim=-1)
-        rows.append(model.logit_scale.exp() * img @ F.normalize(txt, dim=-1).t())
-    return torch.cat(rows)
 
 
 def test_fast_path_equals_per_image_full_length_formulation():
@@ -51,7 +33,7 @@ def test_fast_path_equals_per_image_full_length_formulation():
 
     fast = model(images, captions)
     g_fast = torch.autograd.grad(F.cross_entropy(fast, labels), params)
-    ref = reference_logits(model, clip_model, images, captions)
+    ref = reference.bimors_logits(model, clip_model, images, captions)
     g_ref = torch.autograd.grad(F.cross_entropy(ref, labels), params)
 
     assert fast.shape == (3, len(CLASSES))
@@ -69,8 +51,7 @@ def test_sequence_is_truncated():
 @pytest.mark.parametrize("trainable", [True, False])
 def test_learnable_parameters_at_vit_b16_sizes(trainable):
     """Published count: 1,116,720 learnable parameters with the frozen caption projection (compat)."""
-    torch.manual_seed(0)
-    clip_model = CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)  # ViT-B/16 architecture, random weights
+    clip_model = random_clip("ViT-B/16")  # ViT-B/16 architecture, random weights
     model = BiMoRSModel(clip_model, CLASSES, caption_dim=768, caption_proj_trainable=trainable)
     learnable = sum(p.numel() for p in model.prompt_learner.parameters())
     projection = 768 * 512 + 512

@@ -32,8 +32,8 @@ from datasets.captions import (
 )
 from datasets.catalog import resolve_dataset
 from datasets.splits import protocol_relpaths
-from models.toy_captioner import toy_model_dir
 from tools import captions as tool
+from tools.toy_captioner import toy_model_dir
 
 TOY = ["--captioner", TOY_CAPTIONER, "--encoder", TOY_ENCODER, "--device", "cpu", "--workers", "0"]
 

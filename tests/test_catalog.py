@@ -14,8 +14,11 @@ from yacs.config import CfgNode
 from datasets.catalog import (
     CATALOG,
     CONFIG_DIR,
+    DEFAULT_TEMPLATE,
     GENERIC_NAME,
+    SPLIT_URL,
     DatasetError,
+    DatasetInfo,
     add_dataset_config,
     config_files,
     humanize,
@@ -56,8 +59,18 @@ def test_row_is_consistent(name):
         assert len(info.split_sizes) == 3
 
 
+def test_a_row_states_only_what_differs():
+    row = DatasetInfo(name="MyRS", classnames=("a", "b"), images_source="manual:x", citation="c",
+                      split_file="myrs.json", split_md5="0" * 32)  # fmt: skip
+    assert row.dir == "MyRS" and row.num_classes == 2 and row.display_names == {} and row.images_md5 is None
+    assert row.template == DEFAULT_TEMPLATE and row.split_url == SPLIT_URL.format("myrs") and row.license
+    assert DatasetInfo(name="X", classnames=("a",), images_source="generated", citation="c").split_url is None
+    with pytest.raises(ValueError, match="num_classes 3 but 2 classnames"):
+        DatasetInfo(name="MyRS", classnames=("a", "b"), images_source="manual:x", citation="c", num_classes=3)
+
+
 def test_published_split_facts():
-    # DESIGN.md section 5: class counts and train/val/test sizes of the official split files.
+    # docs/design.md section 5.1: class counts and train/val/test sizes of the official split files.
     assert CATALOG["PatternNet"].split_sizes == (14896, 6384, 9120)
     assert CATALOG["RSICD"].num_classes == 30 and CATALOG["RESISC45"].num_classes == 45
     assert CATALOG["MLRSNet"].num_classes == 46 and CATALOG["MLRSNet"].split_file is None

@@ -1,4 +1,4 @@
-"""common.io: atomic writes leave no partial file, digests, and the run-folder lock."""
+"""common.io: atomic writes leave no partial file, digests, downloads, and the run-folder lock."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import os
 import pytest
 
 from common.io import (
+    DownloadError,
     LockHeldError,
+    atomic_dir,
     atomic_open,
+    download,
     exclusive_lock,
     file_digest,
     write_json_atomic,
@@ -41,6 +44,27 @@ def test_atomic_open_refuses_append(tmp_path):
         pass
 
 
+def test_atomic_dir_appears_complete_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed while building")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "config.json").read_text() == "{}"
+    with atomic_dir(target) as tmp:  # another process finished first: its folder is kept
+        (tmp / "config.json").write_text("late")
+    assert (target / "config.json").read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_download_failure_is_one_line_and_leaves_no_file(tmp_path):
+    dest = tmp_path / "w.pt"
+    with pytest.raises(DownloadError, match=r"^Downloading http://127\.0\.0\.1:9/w\.pt failed .*Check the network"):
+        download("http://127.0.0.1:9/w.pt", dest, timeout=5)
+    assert not dest.exists()
+
+
 def test_file_digest_matches_hashlib(tmp_path):
     data = bytes(range(256)) * 5000
     (tmp_path / "f").write_bytes(data)
@@ -63,9 +87,9 @@ def test_lock_excludes_another_process_and_is_released(tmp_path):
     with exclusive_lock(lock):
         proc = ctx.Process(target=_try_lock, args=(lock, queue))
         proc.start()
-        proc.join(60)
-        assert queue.get(timeout=10) == f"held by {os.getpid()}"
+        proc.join(300)
+        assert queue.get(timeout=60) == f"held by {os.getpid()}"
     proc = ctx.Process(target=_try_lock, args=(lock, queue))
     proc.start()
-    proc.join(60)
-    assert queue.get(timeout=10) == "acquired"  # released on exit; a stale lock file does not block
+    proc.join(300)
+    assert queue.get(timeout=60) == "acquired"  # released on exit; a stale lock file does not block

@@ -1,8 +1,8 @@
 """CoOp, CoCoOp and MaPLe models (pure PyTorch): exactness of the fast paths and upstream state-dict keys.
 
-Every fast path is compared, in fp32, with a straightforward formulation written here: full 77-token
-prompts through CLIP's stock ``transformer`` blocks (sequence-first, stock causal mask), one image at a time
-for CoCoOp, and CLIP's stock ``encode_image``/``encode_text`` where no prompt is involved.
+Every fast path is compared, in fp32, with its straightforward formulation in :mod:`models.reference`: full
+77-token prompts through CLIP's stock ``transformer`` blocks (sequence-first, stock causal mask), one image at
+a time for CoCoOp, and CLIP's stock ``encode_image``/``encode_text`` where no prompt is involved.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clip.model import CLIP
-from clip.simple_tokenizer import SimpleTokenizer
 from conftest import assert_close_fp32
 
-from models.backbone import tokenize
+from models import reference
 from models.cocoop import CoCoOpModel
 from models.coop import CoOpModel, class_token_order
+from models.encoders import tokenize
 from models.maple import MaPLeModel, upstream_prompt_learner_state
 
 CLASSNAMES = ["baseball_field", "dense residential area", "harbor", "overpass", "storage tanks"]
@@ -46,63 +46,9 @@ def images():
     return torch.randn(3, 3, 32, 32)
 
 
-# --------------------------------------------------------------------------------------------- references
+# --------------------------------------------------------------------------------------------- helpers
 def names() -> list[str]:
     return [c.replace("_", " ") for c in CLASSNAMES]
-
-
-def ref_text(clip: CLIP, prompts: torch.Tensor, tokens: torch.Tensor, deep=(), n_ctx: int = 0) -> torch.Tensor:
-    """Stock text transformer on full-length prompts (N, 77, D); deep[i] replaces positions 1..n_ctx before block i+1."""
-    x = (prompts + clip.positional_embedding).permute(1, 0, 2)
-    for i, block in enumerate(clip.transformer.resblocks):
-        if 1 <= i <= len(deep):
-            x = torch.cat([x[:1], deep[i - 1].unsqueeze(1).expand(-1, x.shape[1], -1), x[1 + n_ctx :]])
-        x = block(x)
-    x = clip.ln_final(x.permute(1, 0, 2))
-    return x[torch.arange(x.shape[0]), tokens.argmax(-1)] @ clip.text_projection
-
-
-def ref_image(clip: CLIP, images: torch.Tensor, shallow: torch.Tensor, deep=()) -> torch.Tensor:
-    """Stock vision transformer with ``shallow`` prompt tokens appended; deep[i] replaces them before block i+1."""
-    vis = clip.visual
-    x = vis.conv1(images).reshape(images.shape[0], vis.conv1.out_channels, -1).permute(0, 2, 1)
-    x = torch.cat([vis.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1]), x], dim=1)
-    x = torch.cat([x + vis.positional_embedding, shallow.expand(x.shape[0], -1, -1)], dim=1)
-    x = vis.ln_pre(x).permute(1, 0, 2)
-    n = shallow.shape[0]
-    for i, block in enumerate(vis.transformer.resblocks):
-        if 1 <= i <= len(deep):
-            x = torch.cat([x[: x.shape[0] - n], deep[i - 1].unsqueeze(1).expand(-1, x.shape[1], -1)])
-        x = block(x)
-    return vis.ln_post(x.permute(1, 0, 2)[:, 0]) @ vis.proj
-
-
-def logits_from(clip: CLIP, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-    return clip.logit_scale.exp() * F.normalize(image_feats, dim=-1) @ F.normalize(text_feats, dim=-1).t()
-
-
-def placeholder_prompts(clip: CLIP, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = tokenize([(" ".join(["X"] * n_ctx) + f" {name}.").strip() for name in names()])
-    return clip.token_embedding(tokens).detach(), tokens
-
-
-def upstream_coop_prompts(emb: torch.Tensor, ctx: torch.Tensor, n_ctx: int, position: str) -> torch.Tensor:
-    """CoOp's arrangement, one class at a time, at full length."""
-    tok = SimpleTokenizer()
-    rows = []
-    for i, name in enumerate(names()):
-        name_len = len(tok.encode(name))
-        ctx_i = ctx[i] if ctx.dim() == 3 else ctx
-        sos, suffix = emb[i, :1], emb[i, 1 + n_ctx :]
-        if position == "end":
-            parts = [sos, ctx_i, suffix]
-        elif position == "middle":
-            half = n_ctx // 2
-            parts = [sos, ctx_i[:half], suffix[:name_len], ctx_i[half:], suffix[name_len:]]
-        else:
-            parts = [sos, suffix[:name_len], ctx_i, suffix[name_len:]]
-        rows.append(torch.cat(parts))
-    return torch.stack(rows)
 
 
 def grads(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -131,10 +77,7 @@ def test_coop_equals_full_length_stock_formulation(make_clip, images, position, 
     ctx = model.prompt_learner.ctx
     assert ctx.shape == ((len(CLASSNAMES), 4, 128) if csc else (4, 128))
     fast = model(images)
-    emb, tokens = placeholder_prompts(clip, 4)
-    with torch.no_grad():
-        image_feats = clip.encode_image(images)
-    ref = logits_from(clip, image_feats, ref_text(clip, upstream_coop_prompts(emb, ctx, 4, position), tokens))
+    ref = reference.coop_logits(model, clip, images)
     assert fast.shape == (3, len(CLASSNAMES))
     assert_same(fast, ref, grads(loss_of(fast), [ctx]), grads(loss_of(ref), [ctx]))
 
@@ -163,18 +106,7 @@ def test_cocoop_batched_truncated_equals_per_image_full_length(make_clip, images
             p.normal_(std=0.2)
     params = [learner.ctx, *learner.meta_net.parameters()]
     fast = model(images)
-
-    emb, tokens = placeholder_prompts(clip, 4)
-    with torch.no_grad():
-        feats = F.normalize(clip.encode_image(images), dim=-1)
-    bias = learner.meta_net(feats)
-    rows = []
-    for b in range(images.shape[0]):  # the published formulation: one image at a time, 77 tokens
-        ctx_b = (learner.ctx + bias[b]).unsqueeze(0).expand(len(CLASSNAMES), -1, -1)
-        prompts = torch.cat([emb[:, :1], ctx_b, emb[:, 5:]], dim=1)
-        text = F.normalize(ref_text(clip, prompts, tokens), dim=-1)
-        rows.append(clip.logit_scale.exp() * feats[b] @ text.t())
-    ref = torch.stack(rows)
+    ref = reference.cocoop_logits(model, clip, images)
     assert fast.shape == (3, len(CLASSNAMES))
     assert_same(fast, ref, grads(loss_of(fast), params), grads(loss_of(ref), params))
 
@@ -196,7 +128,7 @@ def test_maple_without_prompt_tokens_is_zero_shot_clip(make_clip, images, depth)
     assert len(model.prompt_learner.compound_prompts_text) == depth - 1
     with torch.no_grad():
         fast = model(images)
-        ref = logits_from(clip, clip.encode_image(images), clip.encode_text(tokenize(
+        ref = reference.logits(clip, clip.encode_image(images), clip.encode_text(tokenize(
             [f"a photo of a {n}." for n in names()])))  # fmt: skip
     assert_close_fp32(fast, ref)
 
@@ -215,14 +147,7 @@ def test_maple_equals_stock_transformer_reference(make_clip, images, depth):
     params = list(learner.parameters())
     fast = model(images)
 
-    tokens = tokenize([f"a photo of a {n}." for n in names()])
-    emb = clip.token_embedding(tokens).detach()
-    prompts = torch.cat([emb[:, :1], learner.ctx.expand(len(CLASSNAMES), -1, -1), emb[:, 3:]], dim=1)
-    deep_text = list(learner.compound_prompts_text)
-    deep_vis = [proj(p) for proj, p in zip(learner.compound_prompt_projections, deep_text)]
-    text = ref_text(clip, prompts, tokens, deep_text, n_ctx=2)
-    image = ref_image(clip, images, learner.proj(learner.ctx), deep_vis)
-    ref = logits_from(clip, image, text)
+    ref = reference.maple_logits(model, clip, images, "a photo of a")
     assert_same(fast, ref, grads(loss_of(fast), params), grads(loss_of(ref), params))
 
 

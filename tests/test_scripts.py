@@ -53,7 +53,7 @@ def script_env(tmp_path: Path, **env: str) -> dict[str, str]:
 def run_script(script: Path, *args: str, tmp_path: Path, cwd: Path | None = None, **env: str):
     return subprocess.run(
         ["bash", str(script), *args], env=script_env(tmp_path, **env), cwd=cwd or tmp_path,
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
 
 

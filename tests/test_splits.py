@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from yacs.config import CfgNode
 
+from common.io import file_digest
 from datasets.catalog import (
     ChecksumError,
     DatasetNotFoundError,
@@ -23,7 +24,6 @@ from datasets.catalog import (
 )
 from datasets.splits import (
     few_shot,
-    file_md5,
     generate_split,
     list_image_tree,
     load_splits,
@@ -109,7 +109,7 @@ def test_read_split_file_keeps_counts_and_label_order(tmp_path):
 def test_read_split_file_checks_md5(tmp_path, caplog):
     path = tmp_path / "s.json"
     write_official_split(path, ORDER, (2, 1, 1))
-    good = file_md5(path)
+    good = file_digest(path, "md5")
     assert len(read_split_file(path, expected_md5=good)["train"]) == 10
     wrong = "0" * 32
     with pytest.raises(ChecksumError) as err:

@@ -8,8 +8,8 @@ formulations on identical inputs and weights:
 - ``ours``: what the trainers run (one text-encoder call over B x C prompts, truncated after the longest
   end-of-text token, ``[SOS] + context`` encoded once per image and shared by its classes, only the EOT row in
   the last layer, scaled-dot-product attention, image encoder under ``no_grad``);
-- ``reference``: the published formulation (a loop over images, all 77 tokens through CLIP's stock text
-  transformer, image encoder under autograd), kept here as the yardstick.
+- ``reference``: the published formulation of :mod:`models.reference` (a loop over images, all 77 tokens
+  through CLIP's stock text transformer, CLIP's stock image encoder), the same the exactness tests use.
 
 It reports the median time of a training step (forward + backward + SGD step) and of an evaluation batch after
 warm-up, images/s, the text-encoder part alone (prompts in, features out, forward + backward), peak memory
@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import logging
 import os
 import platform
@@ -45,28 +44,20 @@ from clip.model import CLIP
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from models.backbone import build_toy_clip
+from common.io import write_json_atomic
+from models import reference
+from models.weights import BACKBONES, random_clip
 
 logger = logging.getLogger(__name__)
 
-#: CLIP architectures by OpenAI name: (embed_dim, image_resolution, vision_layers, vision_width, patch,
-#: context_length, vocab_size, text_width, text_heads, text_layers)
-ARCHS: dict[str, tuple[int, ...]] = {
-    "ViT-B/32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
-    "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
-    "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
-}
 CAPTION_DIM = 768  # bert-base-uncased
 
 
 def build_random_clip(backbone: str, seed: int = 0) -> CLIP:
-    """CLIP with random weights at the architecture sizes of ``backbone`` (or the toy backbone)."""
-    if backbone == "toy":
-        return build_toy_clip(seed)
-    if backbone not in ARCHS:
-        raise SystemExit(f"error: --backbone {backbone!r} unknown; choose one of {', '.join([*ARCHS, 'toy'])}")
-    torch.manual_seed(seed)
-    return CLIP(*ARCHS[backbone]).float().eval()
+    """CLIP with random weights at the architecture of ``backbone`` (a name of :data:`models.weights.BACKBONES`)."""
+    if backbone not in BACKBONES:
+        raise SystemExit(f"error: --backbone {backbone!r} unknown; choose one of {', '.join(BACKBONES)}")
+    return random_clip(backbone, seed)
 
 
 def bench_classnames(spec: str) -> list[str]:
@@ -96,59 +87,21 @@ class Case:
     prompts: Callable[..., torch.Tensor]  # (images, **extras) -> truncated prompts for the text-encoder timing
 
 
-def _full_length(clip_model: CLIP, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-    """Extend truncated prompts (..., L, D) to all 77 positions with the token embeddings of ``tokens``."""
-    rest = clip_model.token_embedding(tokens[:, prompts.shape[-2] :]).detach()
-    rest = rest.expand(*prompts.shape[:-2], *rest.shape[-2:])
-    return torch.cat([prompts, rest.to(prompts.dtype)], dim=-2)
-
-
-def stock_text(clip_model: CLIP, prompts: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-    """CLIP's stock text transformer over full 77-token prompts (C, 77, D) -> features (C, E)."""
-    x = clip_model.transformer((prompts + clip_model.positional_embedding).permute(1, 0, 2)).permute(1, 0, 2)
-    return clip_model.ln_final(x)[torch.arange(x.shape[0]), eot] @ clip_model.text_projection
-
-
-def _one_image_text(clip_model: CLIP, pieces, prefix: torch.Tensor) -> torch.Tensor:
-    """Text features (C, E) of one image's prompts ``[prefix] + class suffix``, all 77 tokens, stock transformer."""
-    n_cls = pieces.token_suffix.shape[0]
-    prompts = torch.cat([prefix.expand(n_cls, -1, -1), pieces.token_suffix.to(prefix.dtype)], dim=1)
-    return stock_text(clip_model, _full_length(clip_model, pieces.tokens, prompts), pieces.eot)
-
-
-def _per_image_reference(clip_model, model, prefix_of, images, **extras) -> torch.Tensor:
-    """The published CoCoOp-style formulation: loop over images, 77 tokens, stock transformer."""
-    pieces = model.prompt_learner.prompts
-    rows = []
-    for b in range(images.shape[0]):
-        one = {k: v[b : b + 1] for k, v in extras.items()}
-        feats, prefix = prefix_of(images[b : b + 1], grad_image=True, **one)
-        text = _one_image_text(clip_model, pieces, prefix)
-        rows.append(model.logit_scale.exp() * feats @ F.normalize(text, dim=-1).t())
-    return torch.cat(rows)
-
-
 def make_bimors(clip_model: CLIP, classnames: list[str]) -> Case:
     from models.bimors import BiMoRSModel
 
     model = BiMoRSModel(clip_model, classnames, caption_dim=CAPTION_DIM)
 
-    def prefix_of(images, captions, grad_image=False):
-        ctx_grad = contextlib.nullcontext() if grad_image else torch.no_grad()
-        with ctx_grad:
-            feats, tokens = model.visual(images)
-        ctx = model.prompt_learner(tokens, captions)
-        return F.normalize(feats, dim=-1), model.prompt_learner.prompts.prefix(ctx)
-
     def prompts(images, captions):
-        _, prefix = prefix_of(images, captions)
-        return prefix
+        with torch.no_grad():
+            _, tokens = model.visual(images)
+        return model.prompt_learner.prompts.prefix(model.prompt_learner(tokens, captions))
 
     return Case(
         model=model,
         clip_model=clip_model,
         extras=lambda b: {"captions": torch.randn(b, CAPTION_DIM, generator=torch.Generator().manual_seed(b))},
-        reference=lambda images, **ex: _per_image_reference(clip_model, model, prefix_of, images, **ex),
+        reference=lambda images, captions: reference.bimors_logits(model, clip_model, images, captions),
         prompts=prompts,
     )
 
@@ -158,19 +111,17 @@ def make_cocoop(clip_model: CLIP, classnames: list[str]) -> Case:
 
     model = CoCoOpModel(clip_model, classnames, n_ctx=4, ctx_init="a photo of a")
 
-    def prefix_of(images, grad_image=False):
-        ctx_grad = contextlib.nullcontext() if grad_image else torch.no_grad()
-        with ctx_grad:
+    def prompts(images):
+        with torch.no_grad():
             feats, _ = model.visual(images)
-        feats = F.normalize(feats, dim=-1)
-        return feats, model.prompt_learner(feats)
+        return model.prompt_learner(F.normalize(feats, dim=-1))
 
     return Case(
         model=model,
         clip_model=clip_model,
         extras=lambda b: {},
-        reference=lambda images, **ex: _per_image_reference(clip_model, model, prefix_of, images, **ex),
-        prompts=lambda images: prefix_of(images)[1],
+        reference=lambda images: reference.cocoop_logits(model, clip_model, images),
+        prompts=prompts,
     )
 
 
@@ -178,15 +129,8 @@ def make_coop(clip_model: CLIP, classnames: list[str]) -> Case:
     from models.coop import CoOpModel
 
     model = CoOpModel(clip_model, classnames, n_ctx=16, ctx_init="")
-
-    def reference(images):
-        feats, _ = model.visual(images)  # under autograd, as upstream
-        learner = model.prompt_learner
-        prompts = _full_length(clip_model, learner.prompts.tokens, learner())
-        text = stock_text(clip_model, prompts, learner.prompts.eot)
-        return model.logit_scale.exp() * F.normalize(feats, dim=-1) @ F.normalize(text, dim=-1).t()
-
-    return Case(model=model, clip_model=clip_model, extras=lambda b: {}, reference=reference,
+    return Case(model=model, clip_model=clip_model, extras=lambda b: {},
+                reference=lambda images: reference.coop_logits(model, clip_model, images),
                 prompts=lambda images: model.prompt_learner())
 
 
@@ -486,12 +430,13 @@ def _text_ours(case: Case, prompts: torch.Tensor) -> torch.Tensor:
 
 
 def _text_reference(case: Case, prompts: torch.Tensor) -> torch.Tensor:
-    """The straightforward text path: per image, 77 tokens, stock transformer."""
+    """The straightforward text path (:mod:`models.reference`): per image, 77 tokens, stock transformer."""
     pieces = case.model.prompt_learner.prompts
-    clip_model = case.clip_model
-    if prompts.shape[-2] == pieces.seq_len:
-        return stock_text(clip_model, _full_length(clip_model, pieces.tokens, prompts), pieces.eot)
-    return torch.stack([_one_image_text(clip_model, pieces, prefix) for prefix in prompts])
+    emb, tokens = reference.placeholder_prompts(case.clip_model, pieces.classnames, pieces.n_ctx)
+    emb, eot = emb.to(prompts.dtype), tokens.argmax(-1)
+    if prompts.shape[-2] == pieces.seq_len:  # full class prompts (CoOp)
+        return reference.stock_text(case.clip_model, torch.cat([prompts, emb[:, prompts.shape[-2] :]], dim=1), eot)
+    return reference.per_image_text(case.clip_model, prompts, emb, eot)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -537,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trainers", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--backbone", default="ViT-B/16", help=f"{', '.join(ARCHS)} or toy (random weights)")
+    p.add_argument("--backbone", default="ViT-B/16", help=f"one of {', '.join(BACKBONES)} (random weights)")
     p.add_argument("--dataset-classes", default="patternnet", help="catalogue dataset for class names, or a number")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -579,10 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     sys.stdout.write(render(results, diffs, probe, header) + "\n")
     if args.json:
-        args.json.write_text(json.dumps({**header, "matmul_size": probe.size, "matmul_burst": probe.burst,
-                                         "matmul_samples": probe.samples,
-                                         "max_logit_diff": diffs,
-                                         "results": [asdict(r) for r in results]}, indent=2))
+        write_json_atomic(args.json, {**header, "matmul_size": probe.size, "matmul_burst": probe.burst,
+                                      "matmul_samples": probe.samples, "max_logit_diff": diffs,
+                                      "results": [asdict(r) for r in results]}, indent=2)
     return 0
 
 

@@ -4,7 +4,7 @@
         [--encoder bert-base-uncased] [--subset protocol|all] [--batch-size N] [--device cuda]
         [--shard i/n] [--show N]
 
-Captioning follows DESIGN.md section 4.1: each image is resized to 224x224, min-max normalised to
+Captioning follows docs/design.md section 4.1: each image is resized to 224x224, min-max normalised to
 [0, 1] and given to the BLIP-2 processor with rescaling off; ``generate(max_length=16, num_beams=4,
 early_stopping=True)``; each caption is encoded as the mean of the encoder's last hidden state over its
 non-padding tokens ([CLS] and [SEP] included). The store is described in ``datasets/captions.py``.
@@ -106,7 +106,7 @@ def library_info() -> dict[str, str]:
 def resolve_model(name: str, role: str) -> str:
     """What to pass to ``from_pretrained`` for ``name``: a toy model's built folder, a local folder or a hub id."""
     if name in TOY_MODELS:
-        from models.toy_captioner import toy_model_dir
+        from tools.toy_captioner import toy_model_dir
 
         logger.warning(
             "!!! %s %r is a tiny RANDOM toy model: its output is junk, useful only for tests and the smoke run !!!",

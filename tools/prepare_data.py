@@ -23,15 +23,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
+from common.io import DownloadError, download, file_digest
 from datasets.catalog import (
     CATALOG,
     DOWNLOADS_DIR,
@@ -44,20 +43,10 @@ from datasets.catalog import (
     config_files,
     resolve_dataset,
 )
-from datasets.splits import (
-    VERIFY_DOES,
-    Splits,
-    file_md5,
-    image_decodes,
-    is_image_file,
-    load_splits,
-    read_split_file,
-)
+from datasets.splits import VERIFY_DOES, Splits, image_decodes, is_image_file, load_splits, read_split_file
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
-USER_AGENT = "bimors-prepare-data/1.0"
 _SHOW = 5
 _RAR_MAGIC = b"Rar!\x1a\x07"
 _7Z_MAGIC = b"7z\xbc\xaf\x27\x1c"
@@ -67,7 +56,7 @@ _7Z_MAGIC = b"7z\xbc\xaf\x27\x1c"
 def _check_existing(path: Path, md5: str | None, allow_mismatch: bool) -> None:
     if not md5:
         return
-    actual = file_md5(path)
+    actual = file_digest(path, "md5")
     if actual == md5:
         return
     message = f"{path} has md5 {actual}, expected {md5}"
@@ -83,7 +72,7 @@ def _check_existing(path: Path, md5: str | None, allow_mismatch: bool) -> None:
 def _finish(part: Path, dest: Path, md5: str | None, allow_mismatch: bool, source: str) -> Path:
     """Check the md5 of a completed ``.part`` file, then rename it to ``dest``."""
     if md5:
-        actual = file_md5(part)
+        actual = file_digest(part, "md5")
         if actual != md5:
             if not allow_mismatch:
                 part.unlink()
@@ -120,45 +109,10 @@ def download_url(
     dest, part = _existing_or_part(dest, md5, allow_mismatch)
     if part is None:
         return dest
-    offset = part.stat().st_size if part.is_file() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if offset and response.status != 206:
-                logger.info("%s does not resume downloads; starting %s again", url, dest.name)
-                offset = 0
-            elif offset:
-                logger.info("Resuming %s at byte %d", dest.name, offset)
-            length = response.headers.get("Content-Length")
-            total = offset + int(length) if length is not None else None
-            with (
-                open(part, "ab" if offset else "wb") as f,
-                tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=dest.name) as bar,
-            ):
-                while chunk := response.read(CHUNK):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except urllib.error.HTTPError as err:
-        if not (err.code == 416 and offset):  # 416 on a resume: the .part file is already complete
-            raise DatasetError(f"Downloading {url} failed: HTTP {err.code} {err.reason}. Check the URL.") from err
-        total = offset
-    except (OSError, ValueError) as err:  # URLError, connection reset, timeout, IncompleteRead
-        if part.is_file() and part.stat().st_size == 0:
-            part.unlink()
-        if not part.is_file():
-            raise DatasetError(f"Downloading {url} failed ({err}). Check the network connection and the URL.") from err
-        raise DatasetError(
-            f"Downloading {url} was interrupted ({err}). {part} keeps the {part.stat().st_size} bytes received: "
-            "rerun the command to resume."
-        ) from err
-    received = part.stat().st_size if part.is_file() else 0
-    if total is not None and received != total:
-        raise DatasetError(
-            f"Downloading {url} stopped at {received} of {total} bytes. {part} keeps them: rerun the "
-            "command to resume."
-        )
+        download(url, part, resume=True, timeout=timeout)
+    except DownloadError as err:
+        raise DatasetError(str(err)) from err
     return _finish(part, dest, md5, allow_mismatch, url)
 
 
@@ -505,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.prepare_data",
         description="Download, check, extract and arrange a dataset as <root>/<Dir>/images/<class>/<file>.",
-        epilog=f"datasets: {names}; or a dataset yaml (NAME: ImageFolderRS). See DATASETS.md.",
+        epilog=f"datasets: {names}; or a dataset yaml (NAME: ImageFolderRS). See docs/datasets.md.",
     )
     parser.add_argument("dataset", help="config stem (e.g. patternnet, toyrs), dataset yaml path or catalogue name")
     parser.add_argument("--root", required=True, help="folder that holds all datasets ($DATA)")

@@ -1,7 +1,7 @@
 """Turn run folders into the comparison tables of a paper.
 
 ``python -m tools.results [OUTPUT_DIRS...] [--protocol P] [--format md|csv|latex] [--plot FILE.png]
-[--published]`` finds runs by their ``results.json`` (DESIGN.md section 3) or, for runs made by other
+[--published]`` finds runs by their ``results.json`` (docs/design.md section 3) or, for runs made by other
 CoOp-family code, by the last test ``* accuracy: X%`` of Dassl's ``log.txt`` (protocol, dataset, shots,
 trainer, config and seed then come from the CoOp-style path). Runs are grouped by protocol, dataset,
 method (trainer, config, shots, backbone, tree label) and subsample; each group is aggregated over
@@ -29,6 +29,8 @@ from pathlib import Path
 
 from scipy import stats
 from tqdm import tqdm
+
+from common.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -1075,7 +1077,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tables = build_tables(groups, args.protocol, published if args.published else None)
         text = render(tables, args.format)
         if args.output:
-            Path(args.output).write_text(text, encoding="utf-8")
+            write_text_atomic(args.output, text)
             logger.info("wrote %s", args.output)
         else:
             sys.stdout.write(text)

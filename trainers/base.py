@@ -46,7 +46,7 @@ from yacs.config import CfgNode as CN
 from common.errors import ConfigError, ExpectedError
 from common.io import atomic_path, write_json_atomic, write_text_atomic
 from datasets.remote_sensing import NamedImageErrors
-from models.backbone import load_clip
+from models.weights import load_clip
 
 logger = logging.getLogger(__name__)
 
@@ -418,9 +418,13 @@ class PromptTrainer(TrainerX):
         loader = self.val_loader if split == "val" and self.val_loader is not None else self.test_loader
         split = "val" if loader is self.val_loader and split == "val" else "test"
         logger.info("Evaluate on the *%s* set", split)
+        self._eval_labels: tuple[list[int], list[int]] = ([], [])  # (true, predicted), for per-class accuracy
         for batch in tqdm(loader, desc=f"eval {split}", leave=False):
             images, labels, extras = self.parse_batch(batch)
-            self.evaluator.process(self.model_inference(images, **extras), labels)
+            logits = self.model_inference(images, **extras)
+            self.evaluator.process(logits, labels)
+            self._eval_labels[0].extend(labels.tolist())
+            self._eval_labels[1].extend(logits.max(1)[1].tolist())  # the prediction Dassl's evaluator counts
         results = self.evaluator.evaluate()
         for key, value in results.items():
             self.write_scalar(f"{split}/{key}", value, self.epoch)
@@ -429,9 +433,9 @@ class PromptTrainer(TrainerX):
         return list(results.values())[0]
 
     def write_results(self, results: dict) -> Path:
-        """Write ``results.json`` (DESIGN.md section 3) into the output folder."""
+        """Write ``results.json`` (docs/design.md section 3) into the output folder."""
         cfg = self.cfg
-        y_true, y_pred = self.evaluator._y_true, self.evaluator._y_pred  # read-only use of Dassl's evaluator
+        y_true, y_pred = self._eval_labels
         per_class: dict[str, float] = {}
         for label, name in sorted(self.lab2cname.items()):
             hits = [p == t for t, p in zip(y_true, y_pred) if t == label]

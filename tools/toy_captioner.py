@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from common.io import atomic_dir
 from datasets.captions import TOY_CAPTIONER, TOY_ENCODER
 
 logger = logging.getLogger(__name__)
@@ -122,16 +122,7 @@ def toy_model_dir(name: str, cache_dir: Path | None = None) -> Path:
     folder = cache / f"{name}-v{TOY_VERSION}"
     if (folder / "config.json").exists():
         return folder
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache))
-    try:
+    with atomic_dir(folder) as tmp:  # another process building it at the same time is harmless
         TOY_BUILDERS[name](tmp)
-        try:
-            os.replace(tmp, folder)  # atomic; another process may have won the race
-        except OSError:
-            if not (folder / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built toy model %s in %s", name, folder)
     return folder

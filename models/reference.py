@@ -1,0 +1,159 @@
+"""Straightforward formulations of the models: the yardstick of the exact fast paths (pure PyTorch).
+
+Each function computes what a model of this package computes, the way the published code does it: full
+77-token prompts through CLIP's stock text transformer (sequence-first, with its own causal mask), one image
+at a time where the prompts depend on the image, and CLIP's stock image encoder. They read the model's
+learnable parameters (and run its prompt learner where that is the method itself), never its fast encoders,
+so the exactness tests compare the two (logits and gradients, fp32) and ``tools.bench`` times them.
+A new method writes its reference here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from clip import clip as openai_clip
+from clip.model import CLIP
+from clip.simple_tokenizer import SimpleTokenizer
+from torch import nn
+
+
+# ------------------------------------------------------------------------------------------ stock encoders
+def stock_text(
+    clip: CLIP, prompts: torch.Tensor, eot: torch.Tensor, deep: Sequence[torch.Tensor] = (), n_ctx: int = 0
+) -> torch.Tensor:
+    """CLIP's text transformer, block by block, on full-length prompt embeddings (N, 77, D) -> features (N, E).
+
+    ``eot`` (N,) are the end-of-text positions. ``deep[i]`` (n_ctx, D) replaces positions ``1..n_ctx`` of every
+    prompt before block ``i + 1`` (MaPLe's deep prompts).
+    """
+    x = (prompts + clip.positional_embedding).permute(1, 0, 2)
+    for i, block in enumerate(clip.transformer.resblocks):
+        if 1 <= i <= len(deep):
+            x = torch.cat([x[:1], deep[i - 1].unsqueeze(1).expand(-1, x.shape[1], -1), x[1 + n_ctx :]])
+        x = block(x)
+    x = clip.ln_final(x.permute(1, 0, 2))
+    return x[torch.arange(x.shape[0], device=x.device), eot] @ clip.text_projection
+
+
+def stock_vit(
+    clip: CLIP, images: torch.Tensor, shallow: torch.Tensor | None = None, deep: Sequence[torch.Tensor] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's ViT image encoder, block by block -> ``(features (B, E), final tokens before ln_post (B, T, W))``.
+
+    ``shallow`` (n, W) prompt tokens are appended after the positional embedding; ``deep[i]`` replaces them
+    before block ``i + 1`` (MaPLe's vision prompts).
+    """
+    vis = clip.visual
+    x = vis.conv1(images).reshape(images.shape[0], vis.conv1.out_channels, -1).permute(0, 2, 1)
+    cls = vis.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+    x = torch.cat([cls, x], dim=1) + vis.positional_embedding
+    n = 0 if shallow is None else shallow.shape[0]
+    if shallow is not None:
+        x = torch.cat([x, shallow.expand(x.shape[0], -1, -1)], dim=1)
+    x = vis.ln_pre(x).permute(1, 0, 2)
+    for i, block in enumerate(vis.transformer.resblocks):
+        if 1 <= i <= len(deep):
+            x = torch.cat([x[: x.shape[0] - n], deep[i - 1].unsqueeze(1).expand(-1, x.shape[1], -1)])
+        x = block(x)
+    tokens = x.permute(1, 0, 2)
+    return vis.ln_post(tokens[:, 0]) @ vis.proj, tokens
+
+
+def logits(clip: CLIP, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """``exp(logit_scale)`` times the cosine similarities of image (B, E) and text (C, E) features -> (B, C)."""
+    return clip.logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()
+
+
+# ------------------------------------------------------------------------------------------ prompts
+def placeholder_prompts(clip: CLIP, classnames: Sequence[str], n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings (C, 77, D, detached) and ids (C, 77) of ``X X .. X <classname>.`` (n_ctx placeholders)."""
+    return _embed(clip, [(" ".join(["X"] * n_ctx) + f" {name}.").strip() for name in classnames])
+
+
+def _embed(clip: CLIP, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings (N, 77, D, detached) and ids (N, 77) of ``texts``, on the model's device."""
+    tokens = openai_clip.tokenize(list(texts)).to(clip.token_embedding.weight.device)
+    return clip.token_embedding(tokens).detach(), tokens
+
+
+def coop_arrangement(
+    emb: torch.Tensor, ctx: torch.Tensor, n_ctx: int, position: str, classnames: Sequence[str]
+) -> torch.Tensor:
+    """CoOp's prompts, one class at a time: context ``ctx`` ((n_ctx, D), or (C, n_ctx, D) per class) placed
+    before (``end``), around (``middle``) or after (``front``) the class name in placeholder prompts ``emb``."""
+    tokenizer = SimpleTokenizer()
+    rows = []
+    for i, name in enumerate(classnames):
+        name_len = len(tokenizer.encode(name))
+        ctx_i = ctx[i] if ctx.dim() == 3 else ctx
+        sos, suffix = emb[i, :1], emb[i, 1 + n_ctx :]
+        if position == "end":
+            parts = [sos, ctx_i, suffix]
+        elif position == "middle":
+            half = n_ctx // 2
+            parts = [sos, ctx_i[:half], suffix[:name_len], ctx_i[half:], suffix[name_len:]]
+        else:
+            parts = [sos, suffix[:name_len], ctx_i, suffix[name_len:]]
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def per_image_text(clip: CLIP, prefixes: torch.Tensor, emb: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    """Text features (B, C, E) of the prompts ``[prefixes[b]; emb[c, P:]]`` at full length, one image at a time.
+
+    ``prefixes`` (B, P, D) is ``[SOS] + context`` per image; ``emb`` (C, 77, D) the class prompts it goes in.
+    """
+    n_pre = prefixes.shape[1]
+    return torch.stack(
+        [stock_text(clip, torch.cat([p.expand(len(emb), -1, -1), emb[:, n_pre:]], dim=1), eot) for p in prefixes]
+    )
+
+
+# ------------------------------------------------------------------------------------------ methods
+def coop_logits(model: nn.Module, clip: CLIP, images: torch.Tensor) -> torch.Tensor:
+    """CoOp (:class:`models.coop.CoOpModel`): upstream's prompt arrangement, 77 tokens, stock encoders."""
+    learner = model.prompt_learner
+    names, n_ctx = learner.prompts.classnames, learner.ctx.shape[-2]
+    emb, tokens = placeholder_prompts(clip, names, n_ctx)
+    prompts = coop_arrangement(emb, learner.ctx, n_ctx, learner.class_token_position, names)
+    return logits(clip, clip.encode_image(images), stock_text(clip, prompts, tokens.argmax(-1)))
+
+
+def cocoop_logits(model: nn.Module, clip: CLIP, images: torch.Tensor) -> torch.Tensor:
+    """CoCoOp (:class:`models.cocoop.CoCoOpModel`): per image, ``ctx + meta_net(f_b)`` in 77-token prompts."""
+    learner = model.prompt_learner
+    emb, tokens = placeholder_prompts(clip, learner.prompts.classnames, learner.ctx.shape[-2])
+    feats = F.normalize(clip.encode_image(images), dim=-1)
+    ctx = learner.ctx.unsqueeze(0) + learner.meta_net(feats).unsqueeze(1)  # (B, n_ctx, D)
+    prefixes = torch.cat([emb[:1, :1].expand(len(ctx), -1, -1), ctx], dim=1)
+    text = per_image_text(clip, prefixes, emb, tokens.argmax(-1))
+    return torch.cat([logits(clip, feats[b : b + 1], text[b]) for b in range(len(feats))])
+
+
+def bimors_logits(model: nn.Module, clip: CLIP, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    """BiMoRS (:class:`models.bimors.BiMoRSModel`): per image, the prompt learner on that image's stock ViT
+    tokens and caption vector, then 77-token prompts through the stock text transformer."""
+    learner = model.prompt_learner
+    emb, tokens = placeholder_prompts(clip, learner.prompts.classnames, learner.ctx.shape[0])
+    feats, vis_tokens = stock_vit(clip, images)
+    ctx = torch.cat([learner(vis_tokens[b : b + 1], captions[b : b + 1]) for b in range(len(images))])
+    prefixes = torch.cat([emb[:1, :1].expand(len(ctx), -1, -1), ctx], dim=1)
+    text = per_image_text(clip, prefixes, emb, tokens.argmax(-1))
+    return torch.cat([logits(clip, feats[b : b + 1], text[b]) for b in range(len(feats))])
+
+
+def maple_logits(model: nn.Module, clip: CLIP, images: torch.Tensor, ctx_init: str) -> torch.Tensor:
+    """MaPLe (:class:`models.maple.MaPLeModel`) initialised from the words ``ctx_init``: the learned context
+    replaces their first ``n_ctx`` tokens; deep prompts replace the prompt tokens of both stock towers."""
+    learner = model.prompt_learner
+    n_ctx = learner.n_ctx
+    emb, tokens = _embed(clip, [f"{ctx_init} {name}." for name in learner.prompts.classnames])
+    prompts = torch.cat([emb[:, :1], learner.ctx.expand(len(emb), -1, -1), emb[:, 1 + n_ctx :]], dim=1)
+    deep_text = list(learner.compound_prompts_text)
+    deep_vision = [proj(p) for proj, p in zip(learner.compound_prompt_projections, deep_text)]
+    text = stock_text(clip, prompts, tokens.argmax(-1), deep_text, n_ctx=n_ctx)
+    image, _ = stock_vit(clip, images, learner.proj(learner.ctx), deep_vision)
+    return logits(clip, image, text)
