@@ -40,11 +40,12 @@ from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
 from common.io import atomic_path, write_json_atomic, write_text_atomic
+from common.precision import GPU_ONLY, PRECISIONS
+from common.precision import autocast as precision_autocast
 from models.weights import load_clip
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESUME_FILE = "model-resume.pth.tar"
 
@@ -186,7 +187,7 @@ class PromptTrainer(TrainerX):
     def prec(self) -> str:
         """Effective precision: the configured ``PREC``; fp16/amp fall back to fp32 on CPU (with a warning)."""
         prec = self.configured_prec(self.cfg)
-        if prec in ("fp16", "amp") and self.device.type == "cpu":
+        if prec in GPU_ONLY and self.device.type == "cpu":
             if not getattr(self, "_warned_prec", False):
                 logger.warning("PREC %s needs a GPU; running in fp32 on the CPU (bf16 also works on CPU).", prec)
                 self._warned_prec = True
@@ -240,11 +241,7 @@ class PromptTrainer(TrainerX):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for the configured precision."""
-        if self.prec == "amp":
-            return torch.autocast(self.device.type, dtype=torch.float16)
-        if self.prec == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision_autocast(self.device.type, self.prec)
 
     # -- batches ------------------------------------------------------------------------------------------
     def batch_extras(self, batch: dict) -> dict:
