@@ -217,7 +217,7 @@ def plan(cuda: bool, work: Path, python: str) -> list[Step]:
     junit = work / "junit.xml"
     steps = [
         Step("cuda-tests", "CUDA tests (pytest -m cuda)", cap_s=150 if cuda else 120,
-             argv=[python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_cuda.py",
+             argv=[python, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_cuda.py",
                    "--junitxml", str(junit), "--basetemp", str(work / "pytest")],
              read=read_tests(junit, cuda)),
     ]  # fmt: skip
