@@ -83,8 +83,8 @@ def accepted_step(trainer, batch: dict, tries: int = 24) -> dict:
     """``trainer.forward_backward(batch)``, repeated under amp until the GradScaler takes the step.
 
     The GradScaler starts at a scale of 2**16 and skips every step whose scaled fp16 gradients overflow,
-    halving the scale (on the toy backbone the first one to three steps are skipped); 24 tries reach a scale
-    of 2**-8, far below any that overflows.
+    halving the scale (on the toy backbone, on a CPU, the first one or two steps are skipped); 24 tries reach a
+    scale of 2**-8, far below any that overflows.
     """
     for _ in range(tries):
         scale = trainer.scaler.get_scale() if trainer.scaler is not None else None
@@ -169,7 +169,7 @@ def low_precision_tolerance(prec: str, layers: int) -> float:
     about u sqrt(R) for each formulation, and the difference of two such results is about sqrt(2) u sqrt(R);
     we allow 2 u sqrt(R): bf16 0.029 (toy, L = 2) and 0.067 (ViT-B/16, L = 12), fp16 and amp eight times
     less. Measured on a CPU the differences are 2 to 3.5 u (the residual stream stays in fp32 under
-    autocast), four times and more below; a real error (a wrong mask, position or end-of-text row) is O(1).
+    autocast), 3.5 to 5 times below the bound; a real error (a wrong mask, position or end-of-text row) is O(1).
     """
     return 2 * UNIT_ROUNDOFF[prec] * math.sqrt(6 * layers + 2)
 
