@@ -3,7 +3,7 @@
 Each test body runs on every device it can. The CPU variants (the trainers in fp32 and bf16, the text path in
 every precision, on the toy backbone) run everywhere and keep the bodies honest; the variants marked ``cuda``
 need a CUDA device and are skipped with the reason without one (``make gpu-check`` runs them on a GPU
-machine, ``pytest -m cuda`` selects them). ViT-B/16-sized random weights (``tools.bench.build_random_clip``)
+machine, ``pytest -m cuda`` selects them). ViT-B/16-sized random weights (``models.weights.random_clip``)
 run on CUDA only, which keeps the CPU suite fast.
 """
 
@@ -22,9 +22,11 @@ from conftest import HAVE_DASSL, assert_close_fp32, requires_dassl
 from test_backbone import assert_same_values_and_grads
 
 from common.precision import GPU_ONLY, PRECISIONS, autocast
-from models.backbone import TextEncoder
+from models import reference
+from models.encoders import TextEncoder
 from models.prompts import ClassPrompts
-from tools import bench
+from models.weights import random_clip as build_random_clip
+from tools.bench import bench_classnames
 
 if HAVE_DASSL:
     from dassl.engine import TRAINER_REGISTRY
@@ -59,7 +61,7 @@ def on(device: str) -> list[str]:
 def vit_b16_weights(tmp_path_factory):
     """A ViT-B/16-sized CLIP with random weights as a state-dict file (trainers load it via MODEL.BACKBONE.PATH)."""
     path = tmp_path_factory.mktemp("clip") / "vit_b16_random.pt"
-    torch.save(bench.build_random_clip(VIT_B16).state_dict(), path)
+    torch.save(build_random_clip(VIT_B16).state_dict(), path)
     return path
 
 
@@ -181,7 +183,7 @@ def random_clip():
 
     def get(backbone: str) -> CLIP:
         if backbone not in built:
-            built[backbone] = bench.build_random_clip(backbone)
+            built[backbone] = build_random_clip(backbone)
         return copy.deepcopy(built[backbone])
 
     return get
@@ -201,8 +203,9 @@ def test_fast_text_path_equals_straightforward(device, backbone, prec, random_cl
         convert_weights(clip_model)  # as PromptTrainer.build_model does
     clip_model.to(device)
     dtype = clip_model.dtype
-    names = bench.bench_classnames("patternnet")[:12]  # names of 1 to 4 tokens: prompts end at different places
+    names = bench_classnames("patternnet")[:12]  # names of 1 to 4 tokens: the prompts end at different places
     pieces = ClassPrompts(clip_model, names, n_ctx=4).to(device)
+    emb, tokens = reference.placeholder_prompts(clip_model, names, 4)  # the same prompts at all 77 positions
     width = pieces.token_suffix.shape[-1]
     ctx = 0.02 * torch.randn(3, 4, width, generator=torch.Generator().manual_seed(0))  # per image, as CoCoOp shifts it
     prefix = pieces.prefix(ctx.to(device, dtype)).requires_grad_(prec == "fp32")
@@ -210,10 +213,9 @@ def test_fast_text_path_equals_straightforward(device, backbone, prec, random_cl
     encoder = TextEncoder(clip_model)
     with torch.set_grad_enabled(prec == "fp32"), autocast(device, prec):
         shared = encoder.forward_shared_prefix(prefix, pieces.token_suffix.to(dtype), pieces.eot)
-        shared_ref = torch.stack([bench._one_image_text(clip_model, pieces, p) for p in prefix_ref])
-        prompts = pieces.full(prefix[0, 1:].detach())
-        whole = encoder(prompts, pieces.eot)
-        whole_ref = bench.stock_text(clip_model, bench._full_length(clip_model, pieces.tokens, prompts), pieces.eot)
+        shared_ref = reference.per_image_text(clip_model, prefix_ref, emb, tokens.argmax(-1))
+        whole = encoder(pieces.full(prefix[0, 1:].detach()), pieces.eot)  # image 0's context in every class prompt
+        whole_ref = reference.per_image_text(clip_model, prefix[:1].detach(), emb, tokens.argmax(-1))[0]
     assert shared.shape == (3, len(names), clip_model.text_projection.shape[1])
     if prec == "fp32":  # values and gradients within fp32 rounding (1e-5 of the largest element)
         assert_same_values_and_grads(shared, shared_ref, prefix, prefix_ref)
