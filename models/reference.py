@@ -27,9 +27,10 @@ def stock_text(
     """CLIP's text transformer, block by block, on full-length prompt embeddings (N, 77, D) -> features (N, E).
 
     ``eot`` (N,) are the end-of-text positions. ``deep[i]`` (n_ctx, D) replaces positions ``1..n_ctx`` of every
-    prompt before block ``i + 1`` (MaPLe's deep prompts).
+    prompt before block ``i + 1`` (MaPLe's deep prompts). The input is cast to the model's dtype as
+    ``CLIP.encode_text`` does (half precision after ``clip.model.convert_weights``, i.e. ``PREC fp16``).
     """
-    x = (prompts + clip.positional_embedding).permute(1, 0, 2)
+    x = (prompts.to(clip.dtype) + clip.positional_embedding.to(clip.dtype)).permute(1, 0, 2)
     for i, block in enumerate(clip.transformer.resblocks):
         if 1 <= i <= len(deep):
             x = torch.cat([x[:1], deep[i - 1].unsqueeze(1).expand(-1, x.shape[1], -1), x[1 + n_ctx :]])

@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from conftest import HAVE_DASSL, REPO_ROOT, requires_dassl, write_random_caption_store
+from conftest import HAVE_DASSL, REPO_ROOT, requires_dassl
 
 pytestmark = [requires_dassl]
 if HAVE_DASSL:
@@ -20,7 +20,6 @@ if HAVE_DASSL:
     import datasets.remote_sensing  # noqa: F401  (registers the datasets)
     import train
     import trainers  # noqa: F401  (registers the trainers)
-    from datasets import toyrs
     from trainers.base import PromptTrainer
 
 TOYRS_CFG = str(REPO_ROOT / "configs/datasets/toyrs.yaml")
@@ -45,15 +44,6 @@ def _registered(learns: bool | None = None) -> list:
 TRAINERS = _registered()
 LEARNING = _registered(learns=True)  # trainers with a prompt learner
 ZERO_SHOT = _registered(learns=False)
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    """A small ToyRS (12 images per class: 6 train / 2 val / 4 test), so every run here takes seconds."""
-    root = tmp_path_factory.mktemp("toyrs")
-    toyrs.generate(root / "ToyRS" / "images", per_class=12, progress=False)
-    write_random_caption_store(root)
-    return root
 
 
 def config_file(trainer: str) -> str | None:

@@ -45,12 +45,13 @@ from yacs.config import CfgNode as CN
 
 from common.errors import ConfigError, ExpectedError
 from common.io import atomic_path, write_json_atomic, write_text_atomic
+from common.precision import GPU_ONLY, PRECISIONS
+from common.precision import autocast as precision_autocast
 from datasets.remote_sensing import NamedImageErrors
 from models.weights import load_clip
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESUME_FILE = "model-resume.pth.tar"
 
@@ -277,7 +278,7 @@ def set_rng_state(state: dict) -> None:
 
 def effective_prec(prec: str, device_type: str) -> str:
     """The precision a run uses: ``prec``, except that fp16 and amp need a GPU and run in fp32 on the CPU."""
-    return "fp32" if prec in ("fp16", "amp") and device_type == "cpu" else prec
+    return "fp32" if prec in GPU_ONLY and device_type == "cpu" else prec
 
 
 def git_sha() -> str | None:
@@ -366,11 +367,7 @@ class PromptTrainer(TrainerX):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for the configured precision."""
-        if self.prec == "amp":
-            return torch.autocast(self.device.type, dtype=torch.float16)
-        if self.prec == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision_autocast(self.device.type, self.prec)
 
     # -- batches ------------------------------------------------------------------------------------------
     def batch_extras(self, batch: dict) -> dict:
