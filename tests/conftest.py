@@ -123,6 +123,21 @@ def assert_same(fast, ref, fast_g, ref_g) -> None:
         assert_close_fp32(a, b)
 
 
+def kill_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Simulate a kill: every prompt trainer raises KeyboardInterrupt when epoch ``epoch`` (0-based) starts.
+    ``monkeypatch.undo()`` lets the next run live."""
+    import trainers.base as trainer_base
+
+    original = trainer_base.PromptTrainer.run_epoch
+
+    def dies(self):
+        if self.epoch == epoch:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self)
+
+    monkeypatch.setattr(trainer_base.PromptTrainer, "run_epoch", dies, raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed_random_generators(request: pytest.FixtureRequest) -> None:
     """Seed torch, NumPy and Python's ``random`` per test (from its node id and ``--test-seed``)."""

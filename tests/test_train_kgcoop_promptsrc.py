@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import HAVE_DASSL, REPO_ROOT, assert_close_fp32, requires_dassl
+from conftest import HAVE_DASSL, REPO_ROOT, assert_close_fp32, kill_in_epoch, requires_dassl
 
 pytestmark = [requires_dassl]
 if HAVE_DASSL:
@@ -68,14 +68,7 @@ def test_promptsrc_keeps_the_gaussian_weighted_mean_of_its_epoch_prompts_and_res
         assert_close_fp32(value.double(), expected, what=key)
     monkeypatch.undo()
 
-    original_epoch = trainer_base.PromptTrainer.run_epoch
-
-    def dies_in_epoch_two(self):
-        if self.epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return original_epoch(self)
-
-    monkeypatch.setattr(trainer_base.PromptTrainer, "run_epoch", dies_in_epoch_two, raising=False)
+    kill_in_epoch(monkeypatch, 1)  # in the second epoch
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
         train.main(_argv(toyrs_root, part, "PromptSRC", PROMPTSRC_CFG, *GPA))

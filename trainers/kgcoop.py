@@ -13,6 +13,7 @@ from yacs.config import CfgNode as CN
 from models.kgcoop import KgCoOpModel, upstream_kgcoop_state
 from trainers.base import PromptTrainer
 from trainers.coop import add_config as add_coop_config
+from trainers.coop import coop_options
 
 
 def add_config(cfg: CN) -> None:
@@ -30,16 +31,7 @@ class KgCoOp(PromptTrainer):
 
     def build_prompt_model(self, clip_model, classnames):
         node = self.cfg.TRAINER.COOP
-        return KgCoOpModel(
-            clip_model,
-            classnames,
-            template=self.dataset_template(),
-            weight=node.W,
-            n_ctx=node.N_CTX,
-            ctx_init=node.CTX_INIT,
-            csc=node.CSC,
-            class_token_position=node.CLASS_TOKEN_POSITION,
-        )
+        return KgCoOpModel(clip_model, classnames, self.dataset_template(), node.W, **coop_options(node))
 
     def convert_checkpoint_state(self, state, path):
         return upstream_kgcoop_state(state)
