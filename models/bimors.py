@@ -114,6 +114,9 @@ class BiMoRSPromptLearner(nn.Module):
 class BiMoRSModel(nn.Module):
     """Frozen CLIP + :class:`BiMoRSPromptLearner`; ``forward(images, captions) -> logits (B, C)``."""
 
+    #: the image encoder is CLIP's, frozen and unprompted
+    IMAGE_ENCODER_PROMPTED = False
+
     def __init__(
         self,
         clip_model: nn.Module,

@@ -106,6 +106,38 @@ def assert_close_fp32(actual, expected, rel: float = 1e-5, what: str = "") -> No
         raise AssertionError(f"{what}: {exc}" if what else str(exc)) from None
 
 
+def grads(loss, params) -> list:
+    """Gradients of ``loss`` with respect to ``params`` (a list of tensors)."""
+    import torch
+
+    return list(torch.autograd.grad(loss, list(params)))
+
+
+def assert_same(fast, ref, fast_g, ref_g) -> None:
+    """A fast path and its reference agree in value and in every gradient (:func:`assert_close_fp32`); the
+    reference gradients must not be trivially zero."""
+    assert_close_fp32(fast, ref)
+    assert len(fast_g) == len(ref_g) > 0
+    for a, b in zip(fast_g, ref_g):
+        assert b.abs().max() > 0  # the reference gradient is not trivially zero
+        assert_close_fp32(a, b)
+
+
+def kill_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Simulate a kill: every prompt trainer raises KeyboardInterrupt when epoch ``epoch`` (0-based) starts.
+    ``monkeypatch.undo()`` lets the next run live."""
+    import trainers.base as trainer_base
+
+    original = trainer_base.PromptTrainer.run_epoch
+
+    def dies(self):
+        if self.epoch == epoch:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self)
+
+    monkeypatch.setattr(trainer_base.PromptTrainer, "run_epoch", dies, raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed_random_generators(request: pytest.FixtureRequest) -> None:
     """Seed torch, NumPy and Python's ``random`` per test (from its node id and ``--test-seed``)."""
@@ -118,6 +150,35 @@ def _seed_random_generators(request: pytest.FixtureRequest) -> None:
     import torch
 
     torch.manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def make_clip():
+    """A small random CLIP with 2 attention heads and 3 layers per tower, non-trivial layer norms (fp32)."""
+    import torch
+    from clip.model import CLIP
+
+    def make() -> CLIP:
+        torch.manual_seed(0)
+        model = CLIP(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128, vision_patch_size=16,
+                     context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
+                     transformer_layers=3).float().eval()  # fmt: skip
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "ln" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+        return model
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Three random 32 x 32 images for :func:`make_clip`'s models."""
+    import torch
+
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 32, 32)
 
 
 @pytest.fixture(scope="session")

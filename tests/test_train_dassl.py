@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import HAVE_DASSL, REPO_ROOT, requires_dassl, write_random_caption_store
+from conftest import HAVE_DASSL, REPO_ROOT, kill_in_epoch, requires_dassl, write_random_caption_store
 
 pytestmark = [requires_dassl]
 if HAVE_DASSL:
@@ -116,14 +116,7 @@ def test_resume_continues_exactly(toyrs_root, tmp_path, monkeypatch):
     full = tmp_path / "full"
     _run(toyrs_root, full, "BiMoRS", BIMORS_CFG, *args)
 
-    original = trainer_base.PromptTrainer.run_epoch
-
-    def dies_in_epoch_two(self):
-        if self.epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self)
-
-    monkeypatch.setattr(trainer_base.PromptTrainer, "run_epoch", dies_in_epoch_two, raising=False)
+    kill_in_epoch(monkeypatch, 1)
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
         _run(toyrs_root, part, "BiMoRS", BIMORS_CFG, *args)

@@ -122,6 +122,8 @@ def test_eval_forward_shapes(name, toy_root, tmp_path):
     logits = trainer.model_inference(images, **extras)
     assert logits.shape == (images.shape[0], 4) and logits.dtype == torch.float32  # ToyRS base half: 4 classes
     assert torch.isfinite(logits).all()
+    # whether cached image features could stand in for the image encoder: every model says so
+    assert isinstance(type(trainer.model).IMAGE_ENCODER_PROMPTED, bool)
 
 
 @pytest.mark.parametrize("name", LEARNING)
@@ -161,17 +163,31 @@ def test_train_one_epoch_then_eval_only_reproduces_results(name, toy_root, tmp_p
 
 
 # ------------------------------------------------------------------------------------------ upstream checkpoints
+def _upstream_key(name: str, key: str) -> str:
+    """Where the upstream project saves our ``prompt_learner`` key ``key``."""
+    if name == "MaPLe":  # upstream registers the whole model: prompt_learner.* plus the frozen CLIP weights
+        return f"prompt_learner.{key}"
+    if name == "PromptSRC":  # the whole model, with the vision and deep prompts inside the encoders' blocks
+        tower, _, index = key.partition("_deep.")
+        if index:
+            encoder = "text_encoder" if tower == "text" else "image_encoder"
+            return f"{encoder}.transformer.resblocks.{int(index) + 1}.VPT_shallow"
+        return "image_encoder.VPT" if key == "VPT" else f"prompt_learner.{key}"
+    return key
+
+
 def _upstream_state(name: str, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict laid out as the upstream project saves it (class-dependent buffers included)."""
     junk = {"token_prefix": torch.zeros(100, 1, 64), "token_suffix": torch.zeros(100, 60, 64)}
-    state = {k: torch.randn_like(v) for k, v in ours.items()} | junk
-    if name == "MaPLe":  # upstream registers the whole model: prompt_learner.* plus the frozen CLIP weights
-        state = {f"prompt_learner.{k}": v for k, v in state.items()}
+    state = {_upstream_key(name, k): v for k, v in ({k: torch.randn_like(v) for k, v in ours.items()} | junk).items()}
+    if name in ("MaPLe", "PromptSRC"):  # frozen CLIP weights of the whole model
         state |= {"image_encoder.conv1.weight": torch.zeros(1), "logit_scale": torch.zeros(())}
+    if name == "KgCoOp":  # upstream's prompt learner also holds parameters it never trains
+        state |= {"bias_vectors": torch.zeros(1, 512), "meta_net.linear1.weight": torch.zeros(512, 512)}
     return state
 
 
-@pytest.mark.parametrize("name", ["CoOp", "CoCoOp", "MaPLe"])
+@pytest.mark.parametrize("name", ["CoOp", "CoCoOp", "MaPLe", "KgCoOp", "PromptSRC"])
 def test_upstream_checkpoint_layout_loads(name, toy_root, tmp_path):
     trainer = build(toy_root, tmp_path / "out", name)
     ours = trainer.model.prompt_learner.state_dict()
@@ -181,9 +197,8 @@ def test_upstream_checkpoint_layout_loads(name, toy_root, tmp_path):
     torch.save({"state_dict": upstream, "epoch": 5}, folder / "model.pth.tar-5")
     trainer.load_model(str(tmp_path / "released"), epoch=5)
     loaded = trainer.model.prompt_learner.state_dict()
-    prefix = "prompt_learner." if name == "MaPLe" else ""
     for key in ours:
-        assert torch.equal(loaded[key], upstream[prefix + key]), key
+        assert torch.equal(loaded[key], upstream[_upstream_key(name, key)]), key
 
 
 # ------------------------------------------------------------------------------------------ bad input

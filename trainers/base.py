@@ -13,7 +13,11 @@
 - ``results.json`` next to Dassl's ``log.txt`` after every test-set evaluation.
 
 Models used with it expose ``prompt_learner`` (the module holding every learnable parameter, or ``None``)
-and ``forward(images, **extras) -> logits``.
+and ``forward(images, **extras) -> logits``. A model whose training loss is more than cross-entropy also has
+``training_loss(images, labels, **extras) -> (loss, logits, terms)`` (``terms``: named loss parts, logged).
+Subclasses may hook the end of every epoch (:meth:`PromptTrainer.on_epoch_end`), the weights kept after the
+last one (:meth:`PromptTrainer.final_weights`) and the state a resumed run needs
+(:meth:`PromptTrainer.trainer_state`), e.g. PromptSRC's prompt aggregation.
 """
 
 from __future__ import annotations
@@ -380,11 +384,21 @@ class PromptTrainer(TrainerX):
         labels = batch["label"].to(self.device, non_blocking=True)
         return images, labels, self.batch_extras(batch)
 
+    def compute_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, extras: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, logits, terms)`` of a training batch: the model's ``training_loss`` if it has one, else
+        cross-entropy on its logits."""
+        training_loss = getattr(self.model, "training_loss", None)
+        if training_loss is not None:
+            return training_loss(images, labels, **extras)
+        logits = self.model(images, **extras)
+        return F.cross_entropy(logits.float(), labels), logits, {}
+
     def forward_backward(self, batch: dict) -> dict:
         images, labels, extras = self.parse_batch(batch)
         with self.autocast():
-            logits = self.model(images, **extras)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss, logits, terms = self.compute_loss(images, labels, extras)
         self.detect_anomaly(loss)
         self.optim.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -394,7 +408,8 @@ class PromptTrainer(TrainerX):
         else:
             loss.backward()
             self.optim.step()
-        summary = {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item()}
+        summary = {"loss": loss.item(), **{k: float(v) for k, v in terms.items()}}
+        summary["acc"] = compute_accuracy(logits, labels)[0].item()
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary
@@ -478,6 +493,7 @@ class PromptTrainer(TrainerX):
             "val_result": None if val_result is None else float(val_result),
             "rng": rng_state(),
             "run_config": json.dumps(run_fingerprint(self.cfg)),
+            "trainer_state": self.trainer_state(),
         }
 
     def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
@@ -489,8 +505,27 @@ class PromptTrainer(TrainerX):
                 write_text_atomic(folder / "checkpoint", fname + "\n")
             logger.log(logging.DEBUG if fname == RESUME_FILE else logging.INFO, "Checkpoint saved to %s", folder / fname)
 
+    # -- training hooks -----------------------------------------------------------------------------------
+    def on_epoch_end(self) -> None:
+        """Hook: after every training epoch (``self.epoch``), before its checkpoint is written."""
+
+    def final_weights(self) -> None:
+        """Hook: after the last training epoch, before its checkpoint and the final test; may replace the
+        learned weights by the ones to keep (e.g. an average over epochs)."""
+
+    def trainer_state(self) -> dict:
+        """Hook: what a resumed run needs besides weights, optimizer and schedule (tensors and plain numbers);
+        saved in every checkpoint."""
+        return {}
+
+    def load_trainer_state(self, state: dict) -> None:
+        """Hook: restore what :meth:`trainer_state` returned, when a run resumes."""
+
     def after_epoch(self) -> None:
         self._trained_epochs = self.epoch + 1
+        self.on_epoch_end()
+        if self.epoch + 1 == self.max_epoch:
+            self.final_weights()
         super().after_epoch()
         last = (self.epoch + 1) == self.max_epoch
         freq = self.cfg.TRAIN.CHECKPOINT_FREQ
@@ -519,6 +554,8 @@ class PromptTrainer(TrainerX):
                 self.scaler.load_state_dict(ckpt["scaler"])
             if ckpt.get("rng"):
                 set_rng_state(ckpt["rng"])
+            if ckpt.get("trainer_state"):
+                self.load_trainer_state(ckpt["trainer_state"])
             start_epoch = int(ckpt["epoch"])
             logger.info("Resumed %s from %s (continuing at epoch %d)", name, path, start_epoch + 1)
         return start_epoch
