@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.encoders import TextEncoder, VisualEncoder, freeze, residual_block, tokenize
+from models.encoders import TextEncoder, VisualEncoder, freeze, require_vit, residual_block, tokenize
 from models.prompts import ClassPrompts, bpe_length
 
 logger = logging.getLogger(__name__)
@@ -115,11 +115,8 @@ class MaPLeModel(nn.Module):
         """``options``: those of :class:`MaPLePromptLearner` (n_ctx, ctx_init, prompt_depth)."""
         super().__init__()
         freeze(clip_model)
+        require_vit(clip_model, "MaPLe")
         self.visual = VisualEncoder(clip_model)
-        if not self.visual.is_vit:
-            raise ValueError(
-                "MaPLe needs a ViT backbone (its vision prompts are tokens); set MODEL.BACKBONE.NAME ViT-B/16."
-            )
         self.prompt_learner = MaPLePromptLearner(clip_model, classnames, **options)
         self.text_encoder = TextEncoder(clip_model)
         self.logit_scale = clip_model.logit_scale
