@@ -214,6 +214,7 @@ _VIT_H = dict(embed_dim=1024, image_resolution=224, vision_layers=32, vision_wid
 _RN50 = CLIPArch(1024, 224, (3, 4, 6, 3), 64, None, **_TEXT_512)
 
 _MIT_OPENAI = "MIT (openai/CLIP)"
+_MIT_HERE = "MIT (this repository)"
 _REMOTECLIP = "chendelong/RemoteCLIP"
 _REMOTECLIP_LICENCE = "Apache-2.0 (ChenDelong1999/RemoteCLIP; the hub repo states none)"
 _GEORSCLIP = "Zilun/GeoRSCLIP"
@@ -325,8 +326,8 @@ BACKBONES: dict[str, Backbone] = {
                                    "SkyCLIP_ViT_B32_top50pct"),  # fmt: skip
     "SkyCLIP50-ViT-L-14": _skyclip(CLIPArch(image_resolution=224, **_VIT_L), "SkyCLIP_ViT_L14_top50pct"),
     # Tiny and random, for tests and offline smoke runs: ViT-B/16's input size and tokenizer, widths 64.
-    TOY_NAME: Backbone(CLIPArch(64, 224, 2, 64, 16, 64, 1, 2), toy=True),
-    TOY_GELU_NAME: Backbone(CLIPArch(64, 224, 2, 64, 16, 64, 1, 2, activation="gelu"), toy=True),
+    TOY_NAME: Backbone(CLIPArch(64, 224, 2, 64, 16, 64, 1, 2), licence=_MIT_HERE, toy=True),
+    TOY_GELU_NAME: Backbone(CLIPArch(64, 224, 2, 64, 16, 64, 1, 2, activation="gelu"), licence=_MIT_HERE, toy=True),
 }
 
 

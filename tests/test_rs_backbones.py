@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close_fp32
+from conftest import REPO_ROOT, assert_close_fp32
 from torch import nn
 
 from models import weights
@@ -27,6 +27,7 @@ from models.encoders import TextEncoder, VisualEncoder, eot_positions, tokenize
 from models.maple import MaPLeModel
 from models.weights import BACKBONES, load_clip
 from models.zsclip import ZeroshotModel
+from tools import results as R
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -141,6 +142,28 @@ def test_every_rs_name_has_a_release_layout_and_a_source():
         assert release_layout(name) in ("plain", "training")
         assert row.licence and row.cache_name
         assert bool(row.hf_file) != bool(row.manual), name  # a hub file, or where to get it by hand
+
+
+def docs_table() -> dict[str, list[str]]:
+    """docs/backbones.md's backbone table: name -> its cells (architecture, source, activation, licence, zero-shot)."""
+    rows = {}
+    for line in (REPO_ROOT / "docs" / "backbones.md").read_text().splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def test_the_docs_table_names_every_row_with_its_activation_licence_and_published_numbers():
+    table = docs_table()
+    assert list(table) == list(BACKBONES)
+    for name, (_arch, _source, activation, licence, _zero_shot) in table.items():
+        row = BACKBONES[name]
+        assert activation.split()[0] == row.arch.activation and licence == row.licence, name
+    datasets = ["AID", "EuroSAT", "MLRSNet", "OPTIMAL31", "PatternNet", "RESISC45", "WHURS19"]
+    for entry in R.load_published()[R.ZEROSHOT_BLOCK]["results"].values():
+        shown = [float(v) for v in table[entry["backbone"]][4].split(" / ")]
+        assert shown == [entry["accuracy"][d] for d in datasets], entry["backbone"]
 
 
 @pytest.mark.parametrize("name", RS_NAMES)
