@@ -7,62 +7,24 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import test_trainers
 import torch
 import torch.nn.functional as F
-from conftest import HAVE_DASSL, REPO_ROOT, assert_close_fp32, requires_dassl, write_random_caption_store
+from conftest import assert_close_fp32, requires_dassl
 from torch import nn
 
 from models.encoders import tokenize
 from models.prompts import TEMPLATE_SETS
 
 pytestmark = [requires_dassl]
-if HAVE_DASSL:
-    from dassl.engine import TRAINER_REGISTRY, build_trainer
-
-    import datasets.remote_sensing  # noqa: F401  (registers the datasets)
-    import train
-    import trainers  # noqa: F401  (registers the trainers)
-    from datasets import toyrs
-    from trainers.base import PromptTrainer
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import open_clip
 
-TOYRS_CFG = str(REPO_ROOT / "configs/datasets/toyrs.yaml")
-FAST = ["DATASET.NUM_SHOTS", "2", "DATALOADER.NUM_WORKERS", "0", "DATALOADER.TRAIN_X.BATCH_SIZE", "4",
-        "DATALOADER.TEST.BATCH_SIZE", "16", "OPTIM.MAX_EPOCH", "1"]  # fmt: skip
-TRAINERS = (
-    sorted(n for n in TRAINER_REGISTRY.registered_names() if issubclass(TRAINER_REGISTRY.get(n), PromptTrainer))
-    if HAVE_DASSL else []
-)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    """A small ToyRS (12 images per class) with a random caption store."""
-    root = tmp_path_factory.mktemp("toyrs")
-    toyrs.generate(root / "ToyRS" / "images", per_class=12, progress=False)
-    write_random_caption_store(root)
-    return root
-
-
-def build(root, out, trainer: str, *opts: str):
-    """A trainer built as train.main builds it, fp32, toy captioner for the trainers that read captions."""
-    args = ["--root", str(root), "--seed", "1", "--trainer", trainer, "--dataset-config-file", TOYRS_CFG,
-            "--output-dir", str(out)]  # fmt: skip
-    cls = TRAINER_REGISTRY.get(trainer)
-    node = cls.CONFIG_NODE
-    extra = [f"TRAINER.{node}.PREC", "fp32"] if node else []
-    if getattr(cls, "NEEDS_CAPTIONS", False):
-        extra += [f"TRAINER.{node}.CAPTIONER", "toy-blip2", f"TRAINER.{node}.CAPTION_ENCODER", "toy-bert"]
-    cfg = train.setup_cfg(train.build_parser().parse_args(args + FAST + extra + list(opts)))
-    torch.manual_seed(0)
-    return build_trainer(cfg)
-
-
-def first_test_batch(trainer):
-    return trainer.parse_batch(next(iter(trainer.test_loader)))
+# The registry-wide trainer tests' small ToyRS (a module fixture), trainer builder (fp32, toy captioner) and list.
+toy_root = test_trainers.toy_root
+build, first_batch, TRAINERS = test_trainers.build, test_trainers.first_batch, test_trainers.TRAINERS
 
 
 @pytest.mark.parametrize("name", TRAINERS)
@@ -70,7 +32,7 @@ def test_every_trainer_runs_on_the_gelu_toy_backbone(name, toy_root, tmp_path):
     trainer = build(toy_root, tmp_path / "out", name, "MODEL.BACKBONE.NAME", "toy-gelu")
     blocks = trainer.model.visual.visual.transformer.resblocks
     assert all(type(b.mlp.gelu) is nn.GELU for b in blocks)
-    images, labels, extras = first_test_batch(trainer)
+    images, labels, extras = first_batch(trainer)
     logits = trainer.model_inference(images, **extras)
     assert logits.shape == (len(labels), trainer.dm.num_classes) and torch.isfinite(logits).all()
 
@@ -94,7 +56,7 @@ def test_zero_shot_trainer_on_an_open_clip_training_checkpoint_matches_open_clip
                     "MODEL.BACKBONE.PATH", str(path), "INPUT.SIZE", "(32, 32)")  # fmt: skip
     template = trainer.dataset_template()
     names = trainer.dm.dataset.classnames
-    images, _, _ = first_test_batch(trainer)
+    images, _, _ = first_batch(trainer)
     with torch.no_grad():
         text = F.normalize(theirs.encode_text(tokenize([template.format(n.replace("_", " ")) for n in names])), dim=-1)
         image = F.normalize(theirs.encode_image(images), dim=-1)
