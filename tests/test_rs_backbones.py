@@ -46,7 +46,8 @@ def release_layout(name: str) -> str:
 
 # ------------------------------------------------------------------------------------------ open_clip side
 def tiny_open_clip(arch: weights.CLIPArch, seed: int = 0, custom_text: bool = False) -> nn.Module:
-    """A small random open_clip CLIP of ``arch``'s kind (ViT or ResNet), activation and ViT head width.
+    """A small random open_clip CLIP of ``arch``'s kind (ViT or ResNet), input size, patch size (so token count),
+    activation and ViT head width; narrow and shallow.
 
     Built from open_clip's own config dicts; layer norms, embeddings and the logit scale are perturbed so that
     every weight matters to the comparison.
@@ -54,8 +55,9 @@ def tiny_open_clip(arch: weights.CLIPArch, seed: int = 0, custom_text: bool = Fa
     vit = arch.vision_patch_size is not None
     width = 4 * arch.vision_head_width if vit else 16  # several heads; OpenAI's width // 64 rule would differ
     vision = (
-        dict(image_size=32, patch_size=16, layers=2, width=width, head_width=arch.vision_head_width)
-        if vit else dict(image_size=64, layers=(1, 1, 1, 1), width=width)
+        dict(image_size=arch.image_resolution, patch_size=arch.vision_patch_size, layers=2, width=width,
+             head_width=arch.vision_head_width)
+        if vit else dict(image_size=arch.image_resolution, layers=(1, 1, 1, 1), width=width)
     )  # fmt: skip
     text = dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=2)
     cls = open_clip.model.CustomTextCLIP if custom_text else open_clip.model.CLIP
@@ -80,7 +82,8 @@ def save_release(model: nn.Module, path, layout: str) -> None:
 
 
 def inputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    side = model.visual.image_size if hasattr(model.visual, "image_size") else model.visual.attnpool.spacial_dim * 32
+    """Two random images of the open_clip model's input size and three tokenised prompts."""
+    side = model.visual.image_size
     side = side[0] if isinstance(side, tuple) else side
     torch.manual_seed(1)
     return torch.randn(2, 3, side, side), tokenize(PROMPTS)
