@@ -205,3 +205,14 @@ def exclusive_lock(path: str | os.PathLike, describe: Callable[[str], str] | Non
             os.ftruncate(fd, 0)  # a normal exit leaves an empty file: only a killed holder leaves its PID
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def hub_download(repo: str, filename: str) -> Path:
+    """``filename`` of the Hugging Face hub repo ``repo``, through huggingface_hub's own cache (a local path).
+
+    The one call that reaches the hub for single files; ``HF_HUB_OFFLINE=1`` makes it fail fast when not cached.
+    """
+    from huggingface_hub import hf_hub_download  # imported lazily: only weight downloads need it
+
+    logger.info("hub download: %s/%s", repo, filename)
+    return Path(hf_hub_download(repo_id=repo, filename=filename))

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import ConfigError
-from models.encoders import TextEncoder, VisualEncoder, freeze
+from models.encoders import TextEncoder, VisualEncoder, freeze, require_vit
 from models.prompts import ClassPrompts, init_context, meta_net
 
 logger = logging.getLogger(__name__)
@@ -81,8 +80,7 @@ class BiMoRSPromptLearner(nn.Module):
         caption_proj_trainable: bool,
     ) -> None:
         super().__init__()
-        if not hasattr(clip_model.visual, "conv1") or not hasattr(clip_model.visual, "ln_post"):
-            raise ConfigError("BiMoRS needs a ViT backbone (its token sequence); ResNet CLIP backbones have none.")
+        require_vit(clip_model, "BiMoRS")
         vis_width = clip_model.visual.conv1.weight.shape[0]
         ctx_dim = clip_model.ln_final.weight.shape[0]
         ctx, prefix_text = init_context(clip_model, n_ctx, ctx_init)

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from clip.model import VisionTransformer
 from torch import nn
 
 from common.errors import ConfigError
@@ -30,14 +29,6 @@ from models.encoders import TextEncoder, VisualEncoder, freeze, residual_block, 
 from models.prompts import bpe_length
 
 logger = logging.getLogger(__name__)
-
-
-def require_vit(clip_model: nn.Module, method: str) -> None:
-    """Raise a clear error unless ``clip_model`` has a ViT image encoder (vision prompts are tokens)."""
-    if not isinstance(clip_model.visual, VisionTransformer):
-        raise ConfigError(
-            f"{method} needs a ViT backbone (its vision prompts are tokens); set MODEL.BACKBONE.NAME ViT-B/16."
-        )
 
 
 def capped_depth(key: str, depth: int, n_layers: int, minimum: int = 1) -> int:

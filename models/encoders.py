@@ -17,6 +17,8 @@ from clip import clip as openai_clip
 from clip.model import CLIP, QuickGELU, VisionTransformer
 from torch import nn
 
+from common.errors import ConfigError
+
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     """(..., L, H*dh) -> (..., H, L, dh)."""
@@ -44,7 +46,8 @@ def mlp(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     ``QuickGELU(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702``: the two scalings ride inside the matrix
     multiplications (``alpha``/``beta``), so the activation is one fused SiLU instead of three element-wise
-    passes. Falls back to the stock module for MLPs of another shape.
+    passes. Any other MLP (exact GELU, as in backbones trained with open_clip, or another shape) runs the block's
+    own stock module, so it is exact too: the activation is never assumed.
     """
     fc, proj = block.mlp.c_fc, block.mlp.c_proj
     if not isinstance(block.mlp.gelu, QuickGELU) or fc.bias is None or proj.bias is None:
@@ -273,6 +276,15 @@ class VisualEncoder(nn.Module):
         """Projected image feature (B, E) from the final token sequence (``ln_post`` on the class token, ``proj``)."""
         feats = self.visual.ln_post(tokens[:, 0, :])
         return feats @ self.visual.proj if self.visual.proj is not None else feats
+
+
+def require_vit(clip_model: CLIP, method: str) -> None:
+    """A one-line ConfigError naming the fix unless ``clip_model``'s image encoder is a ViT (``method`` needs its tokens)."""
+    if not isinstance(clip_model.visual, VisionTransformer):
+        raise ConfigError(
+            f"{method} needs a ViT backbone (it uses the ViT's token sequence) and ResNet CLIPs (RN50, RemoteCLIP-RN50, "
+            "...) have none: set MODEL.BACKBONE.NAME (BACKBONE= in the scripts) to a ViT, e.g. ViT-B/16."
+        )
 
 
 def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:

@@ -28,9 +28,61 @@ RS_ENSEMBLE_TEMPLATES: tuple[str, ...] = (
 )
 
 
+def _rs106_templates() -> tuple[str, ...]:
+    """The 106 prompts RS-TransCLIP averages for its zero-shot tables (elkhouryk/RS-TransCLIP).
+
+    "a satellite photo of a {}." and, for each of three image words, 35 variations in the style of CLIP's
+    ImageNet prompts: "<kind> of a/the/many {}.", "... of a/the hard to see {}.", ten qualities before the kind
+    ("a blurry <kind> of a/the {}.") and five adjectives before the class ("<kind> of a/the large {}.").
+    """
+    qualities = ("low resolution", "bad", "cropped", "bright", "dark", "close-up", "black and white",
+                 "jpeg corrupted", "blurry", "good")  # fmt: skip
+    sizes = ("large", "nice", "small", "weird", "cool")
+    out = ["a satellite photo of a {}."]
+    for kind in ("remote sensing image", "aerial image", "satellite image"):
+        article = "an" if kind[0] in "aeiou" else "a"
+        out.append(f"{article} {kind} of many {{}}.")
+        for det in ("a", "the"):
+            out += [f"{article} {kind} of {det} {{}}.", f"{article} {kind} of {det} hard to see {{}}."]
+            out += [f"a {quality} {kind} of {det} {{}}." for quality in qualities]
+            out += [f"{article} {kind} of {det} {size} {{}}." for size in sizes]
+    return tuple(out)
+
+
+#: Named template sets for the zero-shot trainers (``TRAINER.ZSCLIP.TEMPLATES``); ``dataset`` is the dataset's
+#: own template, filled in by the trainer.
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "dataset": (),
+    "rs": RS_ENSEMBLE_TEMPLATES,
+    "rs106": _rs106_templates(),
+}
+
+
+def resolve_templates(spec: str, dataset_template: str) -> list[str]:
+    """The templates a spec names: ``+``-joined set names of :data:`TEMPLATE_SETS` or literal templates with ``{}``.
+
+    ``"rs106"`` is an ensemble, ``"dataset+rs"`` the dataset template then the ``rs`` set, ``"a satellite photo
+    of a {}."`` a single template. Duplicates are dropped, the order kept.
+    """
+    out: list[str] = []
+    for part in (p.strip() for p in spec.split("+")):
+        if "{}" in part:
+            out.append(part)
+        elif part == "dataset":
+            out.append(dataset_template)
+        elif part in TEMPLATE_SETS:
+            out += TEMPLATE_SETS[part]
+        else:
+            raise ValueError(
+                f"Unknown zero-shot template set {part!r} in {spec!r}: use {', '.join(TEMPLATE_SETS)}, a template "
+                "with {} (e.g. 'a satellite photo of a {}.'), or several joined with '+'."
+            )
+    return list(dict.fromkeys(out))
+
+
 def ensemble_templates(template: str) -> list[str]:
     """The dataset's ``template`` followed by the remote-sensing ensemble, without repeats."""
-    return list(dict.fromkeys([template, *RS_ENSEMBLE_TEMPLATES]))
+    return resolve_templates("dataset+rs", template)
 
 
 @torch.no_grad()

@@ -5,12 +5,17 @@ the MLP activation included) and the sources of its weights. A new backbone is o
 
 :func:`load_clip` resolves weights in this order and logs every step:
 
-1. an explicit path (OpenAI ``.pt`` TorchScript archive, a plain state dict, or a Hugging Face CLIP folder);
-2. the local cache (``$CLIP_CACHE``, then ``~/.cache/clip``) with OpenAI's file names, SHA-256 checked;
+1. an explicit path (OpenAI ``.pt`` TorchScript archive, a state dict in OpenAI's or open_clip's layout, or a
+   Hugging Face CLIP folder);
+2. the local cache (``$CLIP_CACHE``, then ``~/.cache/clip``) with the release's file names (SHA-256 checked
+   where the row knows it: OpenAI's files);
 3. OpenAI's download URL (SHA-256 checked; these URLs answer 404 for many users today);
-4. the Hugging Face hub (``openai/clip-vit-base-patch16`` ...), converted to OpenAI's state-dict layout.
+4. the Hugging Face hub: a ``CLIPModel`` repo (``openai/clip-vit-base-patch16`` ...) or an open_clip checkpoint
+   file in a repo (the remote-sensing CLIPs), converted to OpenAI's state-dict layout.
 
-Every path ends in :meth:`CLIPArch.build` (OpenAI's ``CLIP`` module, in fp32) and a strict state-dict load.
+Checkpoints in open_clip's layout (plain, ``module.``-prefixed, nested under ``state_dict``, ``text.`` towers)
+become OpenAI's layout in one place, :func:`to_openai_layout`. Every path ends in :meth:`CLIPArch.build`
+(OpenAI's ``CLIP`` module, in fp32) and a strict state-dict load.
 """
 
 from __future__ import annotations
@@ -19,20 +24,21 @@ import logging
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from clip.model import CLIP
+from clip.model import CLIP, VisionTransformer
 from torch import nn
 
 from common.errors import ExpectedError
-from common.io import atomic_path, file_digest
+from common.io import atomic_path, file_digest, hub_download
 from common.io import download as download_file
 
 logger = logging.getLogger(__name__)
 
 TOY_NAME = "toy"
+TOY_GELU_NAME = "toy-gelu"
 ACTIVATIONS = ("quick_gelu", "gelu")  # OpenAI's QuickGELU, or the exact GELU of open_clip-trained models
 
 
@@ -60,7 +66,9 @@ class CLIPArch:
     """The sizes of a CLIP model as OpenAI's ``CLIP`` constructor takes them, and the MLP activation.
 
     ``vision_layers`` is the ViT depth, or the four ResNet stage depths (then ``vision_patch_size`` is None).
-    Attention heads follow OpenAI's rule: vision width // 64 (ResNet: width * 32 // 64).
+    Attention heads follow OpenAI's rule, width // 64 (ResNet: width * 32 // 64), except the ViT's when
+    ``vision_head_width`` says otherwise (open_clip's ViT-H/14: width 1280, 16 heads of 80). The activation
+    and the head width cannot be read from a state dict: they belong to the table row.
     """
 
     embed_dim: int
@@ -74,10 +82,15 @@ class CLIPArch:
     context_length: int = 77
     vocab_size: int = 49408
     activation: str = "quick_gelu"
+    vision_head_width: int = 64
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"CLIP activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}.")
+        if self.vision_patch_size is not None and self.vision_width % self.vision_head_width:
+            raise ValueError(
+                f"ViT width {self.vision_width} is not a multiple of the head width {self.vision_head_width}."
+            )
 
     def build(self) -> CLIP:
         """OpenAI's ``CLIP`` at these sizes, fp32, eval mode, weights from the current random state."""
@@ -93,6 +106,15 @@ class CLIPArch:
             transformer_heads=self.transformer_heads,
             transformer_layers=self.transformer_layers,
         )
+        if self.vision_patch_size is not None and self.vision_head_width != 64:  # a new instance, same class
+            model.visual = VisionTransformer(
+                input_resolution=self.image_resolution,
+                patch_size=self.vision_patch_size,
+                width=self.vision_width,
+                layers=self.vision_layers,
+                heads=self.vision_width // self.vision_head_width,
+                output_dim=self.embed_dim,
+            )
         if self.activation == "gelu":  # set on this instance's blocks; OpenAI's classes stay as they are
             towers = [model.transformer, getattr(model.visual, "transformer", None)]
             for block in (b for tower in towers if tower is not None for b in tower.resblocks):
@@ -100,8 +122,13 @@ class CLIPArch:
         return model.float().eval()
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], activation: str = "quick_gelu") -> CLIPArch:
-        """The architecture of an OpenAI-layout state dict (read from its tensor shapes and key names)."""
+    def from_state_dict(
+        cls, state: dict[str, torch.Tensor], activation: str = "quick_gelu", vision_head_width: int = 64
+    ) -> CLIPArch:
+        """The architecture of an OpenAI-layout state dict (read from its tensor shapes and key names).
+
+        ``activation`` and ``vision_head_width`` are not in the tensors: they come from the caller (a table row).
+        """
         if "visual.proj" in state:
             width, patch = state["visual.conv1.weight"].shape[0], state["visual.conv1.weight"].shape[-1]
             layers: int | tuple[int, ...] = sum(
@@ -128,26 +155,51 @@ class CLIPArch:
             context_length=state["positional_embedding"].shape[0],
             vocab_size=state["token_embedding.weight"].shape[0],
             activation=activation,
+            vision_head_width=vision_head_width if patch is not None else 64,
         )
+
+    def differences(self, other: CLIPArch) -> list[str]:
+        """``field: mine != other's`` for every size that differs (empty when the architectures agree)."""
+        return [
+            f"{f.name}: {getattr(self, f.name)} != {getattr(other, f.name)}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
 
 
 @dataclass(frozen=True)
 class Backbone:
-    """One row of :data:`BACKBONES`: the architecture and the sources of the weights."""
+    """One row of :data:`BACKBONES`: the architecture, the sources of the weights and their licence.
+
+    Sources, tried in this order after an explicit path: the cache file :attr:`cache_name`, OpenAI's ``url``,
+    then the hub: ``hf_repo`` alone is a ``CLIPModel`` repo, ``hf_repo`` + ``hf_file`` an open_clip checkpoint
+    file in a repo. Weights no source here downloads name where to get them in ``manual`` (and the file to
+    take, ``manual_file``). A ``toy`` row has no weights: it is built with seeded random ones.
+    """
 
     arch: CLIPArch
     url: str = ""  # OpenAI download; its last folder is the file's SHA-256
-    hf_repo: str = ""  # Hugging Face hub repo of a ``CLIPModel``, converted to OpenAI's layout
+    hf_repo: str = ""  # Hugging Face hub repo: a ``CLIPModel``, or (with hf_file) the repo holding hf_file
+    hf_file: str = ""  # an open_clip checkpoint file in hf_repo
+    manual: str = ""  # where to get weights no source here downloads (said in the error message)
+    manual_file: str = ""  # the file to use from that download (also its name in the cache)
+    licence: str = ""  # the licence the weights' publishers state
+    toy: bool = False  # random weights for tests and smoke runs
 
     @property
     def filename(self) -> str:
-        """OpenAI's file name (the cache file name), or '' without an OpenAI URL."""
+        """OpenAI's file name, or '' without an OpenAI URL."""
         return os.path.basename(self.url)
 
     @property
     def sha256(self) -> str:
         """The expected SHA-256 of the OpenAI file (from its URL), or ''."""
         return self.url.split("/")[-2] if self.url else ""
+
+    @property
+    def cache_name(self) -> str:
+        """The weights' file name in the local cache ('' when the row has no file): the release's own name."""
+        return self.filename or os.path.basename(self.hf_file) or self.manual_file
 
 
 def _openai(sha256: str, filename: str) -> str:
@@ -158,51 +210,125 @@ _TEXT_512 = dict(transformer_width=512, transformer_heads=8, transformer_layers=
 _TEXT_768 = dict(transformer_width=768, transformer_heads=12, transformer_layers=12)
 _VIT_B = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, **_TEXT_512)
 _VIT_L = dict(embed_dim=768, vision_layers=24, vision_width=1024, vision_patch_size=14, **_TEXT_768)
+_VIT_H = dict(embed_dim=1024, image_resolution=224, vision_layers=32, vision_width=1280, vision_patch_size=14,
+              transformer_width=1024, transformer_heads=16, transformer_layers=24, vision_head_width=80)  # fmt: skip
+_RN50 = CLIPArch(1024, 224, (3, 4, 6, 3), 64, None, **_TEXT_512)
 
-#: Every backbone name accepted by :func:`load_clip` (OpenAI's names, then the tiny random ``toy``).
+_MIT_OPENAI = "MIT (openai/CLIP)"
+_MIT_HERE = "MIT (this repository)"
+_REMOTECLIP = "chendelong/RemoteCLIP"
+_REMOTECLIP_LICENCE = "Apache-2.0 (ChenDelong1999/RemoteCLIP; the hub repo states none)"
+_GEORSCLIP = "Zilun/GeoRSCLIP"
+_GEORSCLIP_LICENCE = "CC (hub model card: license cc, first cc-by-4.0); code MIT (om-ai-lab/RS5M)"
+_SKYCLIP_URL = "https://opendatasharing.s3.us-west-2.amazonaws.com/SkyScript/ckpt/{}.zip"
+_SKYCLIP_LICENCE = "MIT (wangzhecheng/SkyScript)"
+
+
+def _skyclip(arch: CLIPArch, release: str) -> Backbone:
+    """A SkyCLIP row: a zip on SkyScript's S3 bucket holding ``<release>/epoch_20.pt`` (no hub copy known)."""
+    return Backbone(
+        arch,
+        manual=f"download {_SKYCLIP_URL.format(release)} (SkyScript README, section Download model checkpoints) "
+        "and unzip it",
+        manual_file=f"{release}/epoch_20.pt",
+        licence=_SKYCLIP_LICENCE,
+    )
+
+
+#: Every backbone name accepted by :func:`load_clip`: OpenAI's names, the remote-sensing CLIPs (named as
+#: their releases name them: RemoteCLIP-<open_clip arch>, ...), then the tiny random ``toy`` and ``toy-gelu``.
+#: The activation of each remote-sensing row is the one its publishers' own loading code builds
+#: (docs/backbones.md: open_clip's ``ViT-B-32`` uses GELU; ``pretrained="openai"`` and ``-quickgelu`` QuickGELU).
 BACKBONES: dict[str, Backbone] = {
     "RN50": Backbone(
-        CLIPArch(1024, 224, (3, 4, 6, 3), 64, None, **_TEXT_512),
+        _RN50,
         _openai("afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50.pt"),
+        licence=_MIT_OPENAI,
     ),
     "RN101": Backbone(
         CLIPArch(512, 224, (3, 4, 23, 3), 64, None, **_TEXT_512),
         _openai("8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "RN101.pt"),
+        licence=_MIT_OPENAI,
     ),
     "RN50x4": Backbone(
         CLIPArch(640, 288, (4, 6, 10, 6), 80, None, 640, 10, 12),
         _openai("7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd", "RN50x4.pt"),
+        licence=_MIT_OPENAI,
     ),
     "RN50x16": Backbone(
         CLIPArch(768, 384, (6, 8, 18, 8), 96, None, **_TEXT_768),
         _openai("52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa", "RN50x16.pt"),
+        licence=_MIT_OPENAI,
     ),
     "RN50x64": Backbone(
         CLIPArch(1024, 448, (3, 15, 36, 10), 128, None, 1024, 16, 12),
         _openai("be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c", "RN50x64.pt"),
+        licence=_MIT_OPENAI,
     ),
     "ViT-B/32": Backbone(
         CLIPArch(vision_patch_size=32, **_VIT_B),
         _openai("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
         "openai/clip-vit-base-patch32",
+        licence=_MIT_OPENAI,
     ),
     "ViT-B/16": Backbone(
         CLIPArch(vision_patch_size=16, **_VIT_B),
         _openai("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
         "openai/clip-vit-base-patch16",
+        licence=_MIT_OPENAI,
     ),
     "ViT-L/14": Backbone(
         CLIPArch(image_resolution=224, **_VIT_L),
         _openai("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
         "openai/clip-vit-large-patch14",
+        licence=_MIT_OPENAI,
     ),
     "ViT-L/14@336px": Backbone(
         CLIPArch(image_resolution=336, **_VIT_L),
         _openai("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt"),
         "openai/clip-vit-large-patch14-336",
+        licence=_MIT_OPENAI,
     ),
+    # RemoteCLIP: its README builds plain open_clip RN50 / ViT-B-32 / ViT-L-14 (GELU) and loads the file.
+    "RemoteCLIP-RN50": Backbone(
+        replace(_RN50, activation="gelu"),
+        hf_repo=_REMOTECLIP, hf_file="RemoteCLIP-RN50.pt", licence=_REMOTECLIP_LICENCE,
+    ),
+    "RemoteCLIP-ViT-B-32": Backbone(
+        CLIPArch(vision_patch_size=32, activation="gelu", **_VIT_B),
+        hf_repo=_REMOTECLIP, hf_file="RemoteCLIP-ViT-B-32.pt", licence=_REMOTECLIP_LICENCE,
+    ),
+    "RemoteCLIP-ViT-L-14": Backbone(
+        CLIPArch(image_resolution=224, activation="gelu", **_VIT_L),
+        hf_repo=_REMOTECLIP, hf_file="RemoteCLIP-ViT-L-14.pt", licence=_REMOTECLIP_LICENCE,
+    ),
+    # GeoRSCLIP: its README builds ViT-B-32 with pretrained="openai" (QuickGELU) and ViT-H-14 from laion2b
+    # (GELU); for ViT-L-14 and ViT-L-14-336 no loading code is published: OpenAI's initialisation (QuickGELU) is
+    # inferred (ViT-L-14-336 exists in open_clip only as OpenAI's weights).
+    "GeoRSCLIP-ViT-B-32": Backbone(
+        CLIPArch(vision_patch_size=32, **_VIT_B),
+        hf_repo=_GEORSCLIP, hf_file="ckpt/RS5M_ViT-B-32.pt", licence=_GEORSCLIP_LICENCE,
+    ),
+    "GeoRSCLIP-ViT-L-14": Backbone(
+        CLIPArch(image_resolution=224, **_VIT_L),
+        hf_repo=_GEORSCLIP, hf_file="ckpt/RS5M_ViT-L-14.pt", licence=_GEORSCLIP_LICENCE,
+    ),
+    "GeoRSCLIP-ViT-L-14-336": Backbone(
+        CLIPArch(image_resolution=336, **_VIT_L),
+        hf_repo=_GEORSCLIP, hf_file="ckpt/RS5M_ViT-L-14-336.pt", licence=_GEORSCLIP_LICENCE,
+    ),
+    "GeoRSCLIP-ViT-H-14": Backbone(
+        CLIPArch(activation="gelu", **_VIT_H),
+        hf_repo=_GEORSCLIP, hf_file="ckpt/RS5M_ViT-H-14.pt", licence=_GEORSCLIP_LICENCE,
+    ),
+    # SkyCLIP (top 50% of SkyScript): trained with open_clip from laion2b_e16 ViT-B-32 (GELU) and from OpenAI's
+    # ViT-L-14 (pretrained="openai": QuickGELU); open_clip training checkpoints, no hub copy known.
+    "SkyCLIP50-ViT-B-32": _skyclip(CLIPArch(vision_patch_size=32, activation="gelu", **_VIT_B),
+                                   "SkyCLIP_ViT_B32_top50pct"),  # fmt: skip
+    "SkyCLIP50-ViT-L-14": _skyclip(CLIPArch(image_resolution=224, **_VIT_L), "SkyCLIP_ViT_L14_top50pct"),
     # Tiny and random, for tests and offline smoke runs: ViT-B/16's input size and tokenizer, widths 64.
-    TOY_NAME: Backbone(CLIPArch(64, 224, 2, 64, 16, 64, 1, 2)),
+    TOY_NAME: Backbone(CLIPArch(64, 224, 2, 64, 16, 64, 1, 2), licence=_MIT_HERE, toy=True),
+    TOY_GELU_NAME: Backbone(CLIPArch(64, 224, 2, 64, 16, 64, 1, 2, activation="gelu"), licence=_MIT_HERE, toy=True),
 }
 
 
@@ -244,18 +370,26 @@ def random_clip(name: str, seed: int = 0) -> CLIP:
         return arch.build()
 
 
-def build_toy_clip(seed: int = 0) -> CLIP:
-    """The ``toy`` backbone: a tiny random CLIP for tests and offline smoke runs (says so in the log).
+def build_toy_clip(seed: int = 0, name: str = TOY_NAME) -> CLIP:
+    """A ``toy`` row (``toy``, ``toy-gelu``): a tiny random CLIP for tests and offline smoke runs, loudly logged.
 
     It has the same input size and tokenizer as ViT-B/16, so every trainer config runs with it unchanged.
     """
-    model = random_clip(TOY_NAME, seed)
+    model = random_clip(name, seed)
     logger.warning(
-        "Backbone 'toy': a tiny CLIP with RANDOM weights (seed %d). This is a smoke-test backbone; "
+        "Backbone %r: a tiny CLIP with RANDOM weights (seed %d, %s MLPs). This is a smoke-test backbone; "
         "accuracies obtained with it mean nothing.",
-        seed,
-    )
+        name, seed, BACKBONES[name].arch.activation,
+    )  # fmt: skip
     return model
+
+
+def arch_of(model: CLIP) -> CLIPArch:
+    """The architecture of a built OpenAI ``CLIP``, activation and ViT head width included."""
+    gelu = isinstance(model.transformer.resblocks[0].mlp.gelu, nn.GELU)
+    vit = isinstance(model.visual, VisionTransformer)
+    head_width = model.visual.transformer.resblocks[0].attn.head_dim if vit else 64
+    return CLIPArch.from_state_dict(model.state_dict(), "gelu" if gelu else "quick_gelu", head_width)
 
 
 def _hf_activation(config) -> str:
@@ -316,10 +450,83 @@ def hf_to_openai_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
-def from_state_dict(state: dict[str, torch.Tensor], activation: str = "quick_gelu") -> CLIP:
-    """Build the CLIP an OpenAI-layout state dict describes and load it, in fp32 (extra keys are ignored)."""
-    model = CLIPArch.from_state_dict(state, activation).build()
+# Non-weight entries of OpenAI's TorchScript archives (clip.model.build_model drops them too).
+_OPENAI_ARCHIVE_EXTRAS = frozenset({"input_resolution", "context_length", "vocab_size"})
+_OPENAI_TEXT_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+_DDP_PREFIX = "module."
+_TEXT_TOWER_PREFIX = "text."
+
+
+def to_openai_layout(checkpoint: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The CLIP state dict inside a loaded checkpoint, in OpenAI's layout (each conversion step is logged).
+
+    open_clip's ``CLIP`` keeps OpenAI's parameter names (``attn.in_proj_weight``, ``mlp.c_fc``, ``ln_1``,
+    ``visual.*``, ``text_projection``, a scalar ``logit_scale``), so an open_clip ``model.state_dict()`` (RemoteCLIP,
+    GeoRSCLIP) is already in OpenAI's layout. What differs is the packaging: training checkpoints nest the weights
+    under ``state_dict`` (SkyCLIP), DistributedDataParallel prefixes every key with ``module.``, and open_clip's
+    ``CustomTextCLIP`` keeps the text tower under ``text.`` (its projection may be a ``Linear``, weight transposed
+    to OpenAI's). An OpenAI-layout dict comes back unchanged.
+    """
+    state = checkpoint
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        logger.info("%s: the weights are nested under 'state_dict' (a training checkpoint); using them", source)
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CorruptWeightsError(
+            f"{source} holds no state dict of tensors. Pass an OpenAI .pt file, a state dict saved with torch.save "
+            "(OpenAI's or open_clip's layout, or a training checkpoint with one under 'state_dict'), or a Hugging "
+            "Face CLIP folder."
+        )
+    if any(k.startswith(_DDP_PREFIX) for k in state):
+        logger.info("%s: removing the 'module.' prefix of a DistributedDataParallel checkpoint", source)
+        state = {k.removeprefix(_DDP_PREFIX): v for k, v in state.items()}
+    if any(k.startswith(_TEXT_TOWER_PREFIX) for k in state):
+        logger.info("%s: moving open_clip's separate text tower ('text.*') to OpenAI's names", source)
+        state = _text_tower_to_openai(state, source)
+    if "token_embedding.weight" not in state:
+        raise CorruptWeightsError(
+            f"{source} is not a CLIP checkpoint in OpenAI's or open_clip's layout (no 'token_embedding.weight'). "
+            "Pass an OpenAI .pt file, a CLIP state dict saved with torch.save, or a Hugging Face CLIP folder."
+        )
+    return state
+
+
+def _text_tower_to_openai(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """open_clip ``CustomTextCLIP`` keys ``text.X`` -> OpenAI's ``X`` (a plain text transformer only)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(_TEXT_TOWER_PREFIX):
+            out[key] = value
+            continue
+        name = key.removeprefix(_TEXT_TOWER_PREFIX)
+        if name.split(".")[0] not in _OPENAI_TEXT_PARTS:
+            raise BackboneError(
+                f"{source}: text-tower weight {key!r} has no place in OpenAI's CLIP (the text tower is not a plain "
+                "CLIP transformer, e.g. a Hugging Face one); only CLIP-architecture checkpoints can be loaded."
+            )
+        if name == "text_projection.weight":  # nn.Linear(width, embed): OpenAI keeps the (width, embed) matrix
+            out["text_projection"] = value.t().contiguous()
+        else:
+            out[name] = value
+    return out
+
+
+def from_state_dict(
+    state: dict[str, torch.Tensor], activation: str = "quick_gelu", vision_head_width: int = 64
+) -> CLIP:
+    """Build the CLIP an OpenAI-layout state dict describes and load it strictly, in fp32.
+
+    Weights OpenAI's CLIP has no place for (e.g. SigLIP's ``logit_bias``) are an error, not dropped.
+    """
+    model = CLIPArch.from_state_dict(state, activation, vision_head_width).build()
     own = model.state_dict()
+    foreign = sorted(set(state) - set(own) - _OPENAI_ARCHIVE_EXTRAS)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BackboneError(
+            f"The checkpoint has weights OpenAI's CLIP architecture cannot hold: {shown}. It is not a plain CLIP "
+            "(SigLIP, CoCa or a custom tower?); only CLIP-architecture checkpoints can be loaded."
+        )
     model.load_state_dict({k: v for k, v in state.items() if k in own})
     return model
 
@@ -331,22 +538,32 @@ def _from_hf(source: str | Path) -> CLIP:
     return from_state_dict(hf_to_openai_state_dict(hf.state_dict()), _hf_activation(hf.config))
 
 
-def _from_openai_file(path: Path, activation: str) -> CLIP:
-    """Load an OpenAI JIT archive or a (possibly nested) state dict saved with torch.save."""
+def read_checkpoint(path: Path) -> object:
+    """What a weight file holds: an OpenAI TorchScript archive's state dict, else ``torch.load`` (weights only).
+
+    Zip-format files are memory-mapped, so a training checkpoint's optimizer state is never read.
+    """
     if _is_jit_archive(path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, but OpenAI ships JIT
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-    if not isinstance(state, dict) or "token_embedding.weight" not in state:
-        raise CorruptWeightsError(
-            f"{path} is not a CLIP checkpoint in OpenAI's layout (no 'token_embedding.weight'). "
-            "Pass an OpenAI .pt file, a state dict saved with torch.save, or a Hugging Face CLIP folder."
-        )
-    return from_state_dict(state, activation)
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def _from_file(path: Path, arch: CLIPArch | None) -> CLIP:
+    """Load a weight file in OpenAI's or open_clip's layout; ``arch`` (the table row's) gives activation and heads.
+
+    A file that cannot be read as CLIP weights raises :class:`CorruptWeightsError` naming it.
+    """
+    activation, head_width = (arch.activation, arch.vision_head_width) if arch else ("quick_gelu", 64)
+    try:
+        state = to_openai_layout(read_checkpoint(path), str(path))
+        logger.info("Building CLIP from %s with %s MLPs", path, activation)
+        return from_state_dict(state, activation, head_width)
+    except BackboneError:
+        raise
+    except Exception as exc:  # a truncated or foreign file
+        raise CorruptWeightsError(f"Could not read CLIP weights from {path}: {exc}") from exc
 
 
 def _is_jit_archive(path: Path) -> bool:
@@ -357,11 +574,11 @@ def _is_jit_archive(path: Path) -> bool:
         return any(name.split("/")[1:2] == ["code"] for name in zf.namelist())
 
 
-def _load_path(path: Path, activation: str) -> CLIP:
+def _load_path(path: Path, arch: CLIPArch | None) -> CLIP:
     if not path.exists():
         raise BackboneNotFoundError(
-            f"MODEL.BACKBONE.PATH {path} does not exist. Point it at an OpenAI .pt file, a state dict, "
-            "or a Hugging Face CLIP folder (with config.json)."
+            f"MODEL.BACKBONE.PATH {path} does not exist. Point it at an OpenAI .pt file, a state dict (OpenAI's or "
+            "open_clip's layout), or a Hugging Face CLIP folder (with config.json)."
         )
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -372,12 +589,7 @@ def _load_path(path: Path, activation: str) -> CLIP:
         logger.info("Loading CLIP from Hugging Face folder %s", path)
         return _from_hf(path)
     logger.info("Loading CLIP from file %s", path)
-    try:
-        return _from_openai_file(path, activation)
-    except CorruptWeightsError:
-        raise
-    except Exception as exc:  # a truncated or foreign file
-        raise CorruptWeightsError(f"Could not read CLIP weights from {path}: {exc}") from exc
+    return _from_file(path, arch)
 
 
 def _download_checked(url: str, target: Path, expected_sha256: str) -> None:
@@ -401,43 +613,62 @@ def load_clip(
     """Load a CLIP model in fp32, eval mode, on ``device``.
 
     Args:
-        name: a name of :data:`BACKBONES` (``ViT-B/16``, ``RN50``, ..., ``toy``).
-        path: optional explicit weights (OpenAI ``.pt``, a state dict, or a Hugging Face CLIP folder); the
-            architecture is read from the weights, the activation from ``name``'s row when it has one.
+        name: a name of :data:`BACKBONES` (``ViT-B/16``, ``RN50``, ``GeoRSCLIP-ViT-B-32``, ..., ``toy``).
+        path: optional explicit weights (OpenAI ``.pt``, a state dict in OpenAI's or open_clip's layout, or a
+            Hugging Face CLIP folder); the architecture is read from the weights, the activation and the ViT
+            head width from ``name``'s row when it has one.
         device: where to put the model.
         download: allow the network sources (OpenAI URL, Hugging Face hub).
 
     Raises:
         UnknownBackboneError: ``name`` is not known (the message lists the valid names).
         CorruptWeightsError: a cached or given file is damaged (the message names file and checksum).
-        BackboneNotFoundError: no source had the weights (the message lists every source tried).
+        BackboneNotFoundError: no source had the weights (the message lists every source tried and where to get
+            the weights).
     """
-    if name == TOY_NAME:
-        return build_toy_clip().to(device)
+    row = BACKBONES.get(name)
+    if row is not None and row.toy:
+        return build_toy_clip(name=name).to(device)
     if path:
-        activation = BACKBONES[name].arch.activation if name in BACKBONES else "quick_gelu"
-        return _load_path(Path(path).expanduser(), activation).to(device)
-    return _load_named(name, backbone(name), download).to(device)
+        if row is None:
+            logger.warning(
+                "MODEL.BACKBONE.NAME %r is not in the backbone table: building the weights at %s with OpenAI's "
+                "QuickGELU MLPs and 64-wide attention heads", name, path,
+            )  # fmt: skip
+        model = _load_path(Path(path).expanduser(), row.arch if row else None)
+    else:
+        row = backbone(name)
+        model = _load_named(name, row, download)
+    if row is not None:
+        differences = arch_of(model).differences(row.arch)
+        if differences:
+            logger.warning(
+                "CLIP %s: the weights' architecture differs from the table's row (%s); the weights' sizes are used",
+                name, "; ".join(differences),
+            )  # fmt: skip
+    return model.to(device)
 
 
 def _load_named(name: str, row: Backbone, allow_download: bool) -> CLIP:
     """Try the cache, the OpenAI URL and the Hugging Face hub for backbone ``name``, in that order."""
-    activation = row.arch.activation
     tried: list[str] = []
-    for cache in cache_dirs() if row.url else []:
-        candidate = cache / row.filename
+    for cache in cache_dirs() if row.cache_name else []:
+        candidate = cache / row.cache_name
         if not candidate.is_file():
             logger.info("CLIP %s: not in cache %s", name, candidate)
             tried.append(f"local cache: {candidate} (absent)")
             continue
-        got = file_digest(candidate)
-        if got != row.sha256:
-            raise CorruptWeightsError(
-                f"Cached CLIP weights {candidate} have SHA-256 {got}, expected {row.sha256}. "
-                "The file is damaged or incomplete: delete it and run again, or replace it with a good copy."
-            )
-        logger.info("CLIP %s: loading cached file %s (SHA-256 ok)", name, candidate)
-        return _from_openai_file(candidate, activation)
+        if row.sha256:
+            got = file_digest(candidate)
+            if got != row.sha256:
+                raise CorruptWeightsError(
+                    f"Cached CLIP weights {candidate} have SHA-256 {got}, expected {row.sha256}. The file is "
+                    "damaged or incomplete: delete it and run again, or replace it with a good copy."
+                )
+            logger.info("CLIP %s: loading cached file %s (SHA-256 ok)", name, candidate)
+        else:
+            logger.info("CLIP %s: loading cached file %s (no published checksum to check)", name, candidate)
+        return _from_file(candidate, row.arch)
 
     if allow_download:
         if row.url:
@@ -445,28 +676,51 @@ def _load_named(name: str, row: Backbone, allow_download: bool) -> CLIP:
                 logger.info("CLIP %s: downloading %s", name, row.url)
                 target = cache_dirs()[0] / row.filename
                 _download_checked(row.url, target, row.sha256)
-                return _from_openai_file(target, activation)
+                return _from_file(target, row.arch)
             except CorruptWeightsError:
                 raise
             except Exception as exc:
                 logger.warning("CLIP %s: OpenAI URL failed: %s", name, exc)
                 tried.append(f"OpenAI URL: {row.url} ({exc})")
-        if row.hf_repo:
+        if row.hf_repo and row.hf_file:
+            try:
+                logger.info("CLIP %s: downloading %s from Hugging Face hub repo %s", name, row.hf_file, row.hf_repo)
+                local = hub_download(row.hf_repo, row.hf_file)
+            except Exception as exc:
+                logger.warning("CLIP %s: Hugging Face hub failed: %s", name, exc)
+                tried.append(f"Hugging Face hub: {row.hf_repo}/{row.hf_file} ({type(exc).__name__}: {exc})")
+            else:
+                return _from_file(local, row.arch)
+        elif row.hf_repo:
             try:
                 logger.info("CLIP %s: loading Hugging Face hub repo %s", name, row.hf_repo)
                 return _from_hf(row.hf_repo)
             except Exception as exc:
                 logger.warning("CLIP %s: Hugging Face hub failed: %s", name, exc)
                 tried.append(f"Hugging Face hub: {row.hf_repo} ({type(exc).__name__}: {exc})")
+        elif row.manual:
+            logger.info("CLIP %s: no download source (%s)", name, row.manual)
+            tried.append(f"no download source: {row.manual}")
         else:
             tried.append(f"Hugging Face hub: no converted repo known for {name}")
     else:
         tried.append("network sources skipped (download=False)")
+    raise BackboneNotFoundError(_not_found_message(name, row, tried))
 
-    lines = "\n  - ".join(tried)
-    copy = f"copy OpenAI's {row.filename} into {cache_dirs()[-1]} (or $CLIP_CACHE), or " if row.url else ""
-    raise BackboneNotFoundError(
-        f"Could not load CLIP {name!r}. Tried:\n  - {lines}\n"
-        f"To provide weights offline: {copy}save a Hugging Face CLIP folder and pass MODEL.BACKBONE.PATH "
-        "/path/to/folder, or set MODEL.BACKBONE.PATH to a state dict saved with torch.save."
+
+def _not_found_message(name: str, row: Backbone, tried: list[str]) -> str:
+    """Every source tried, and each way to provide the weights offline."""
+    cache = cache_dirs()[-1]
+    ways = []
+    if row.url:
+        ways.append(f"copy OpenAI's {row.filename} into {cache} (or $CLIP_CACHE)")
+    if row.hf_file:
+        ways.append(f"download {row.hf_file} of https://huggingface.co/{row.hf_repo} to {cache / row.cache_name}")
+    if row.manual:
+        ways.append(f"{row.manual}, then put {row.manual_file} at {cache / row.cache_name} (or $CLIP_CACHE)")
+    ways.append(
+        "set MODEL.BACKBONE.PATH to the weight file (OpenAI's .pt, or a state dict or open_clip checkpoint saved "
+        "with torch.save) or to a Hugging Face CLIP folder saved with CLIPModel.save_pretrained"
     )
+    lines = "\n  - ".join(tried)
+    return f"Could not load CLIP {name!r}. Tried:\n  - {lines}\nTo provide the weights: " + "; or ".join(ways) + "."

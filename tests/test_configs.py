@@ -2,7 +2,8 @@
 
 Name tokens (upstream conventions): ``cN`` and ``Nctx`` = the trainer's ``N_CTX``, ``epN`` = ``OPTIM.MAX_EPOCH``,
 ``batchN`` = ``DATALOADER.TRAIN_X.BATCH_SIZE``, ``ctxv1`` = ``CTX_INIT "a photo of a"``, and the backbone prefix
-(``vit_b16`` = ``ViT-B/16``, ``rn50`` = ``RN50``, ...). The folder is the registered trainer name.
+(``vit_b16`` = ``ViT-B/16``, ``rn50`` = ``RN50``, ...), a zero-shot template set (``rs106`` = ``TRAINER.ZSCLIP.TEMPLATES``).
+The folder is the registered trainer name.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if HAVE_DASSL:
 
     import trainers
     from datasets.catalog import add_dataset_config
+    from models.prompts import TEMPLATE_SETS
 
 CONFIG_DIR = REPO_ROOT / "configs" / "trainers"
 CONFIGS = sorted(CONFIG_DIR.glob("*/*.yaml"))
@@ -71,6 +73,8 @@ def name_claims(path: Path, node: str) -> dict[str, tuple[str, object]]:
                 claims[token] = (key, int(match.group(1)))
         if token == "ctxv1":
             claims[token] = (f"TRAINER.{node}.CTX_INIT", "a photo of a")
+        if token in TEMPLATE_SETS:  # a zero-shot template set (rs, rs106)
+            claims[token] = ("TRAINER.ZSCLIP.TEMPLATES", token)
     return claims
 
 

@@ -38,6 +38,7 @@ PROTOCOLS = ("base2new", "crossdata", "domaingen", "fewshot", "custom")
 FORMATS = ("md", "csv", "latex")
 PUBLISHED_FILE = Path(__file__).with_name("published_results.json")
 SUBSAMPLES = ("all", "base", "new")
+ZEROSHOT_BLOCK = "zeroshot"  # published zero-shot accuracy on all classes, one backbone per row
 TRANSFER_PROTOCOLS = ("crossdata", "domaingen")
 INCOMPLETE_MARK = "†"
 
@@ -54,7 +55,13 @@ PLOT_MARKS_NOTE = (
     "error bar: sample std over seeds; n=1: a single seed, so no error bar; "
     f"{INCOMPLETE_MARK}: incomplete (seeds missing); Average: mean over datasets; hatched: published"
 )
-TOY_BACKBONE = "toy"
+TOY_BACKBONE = "toy"  # and its variants "toy-<x>" (e.g. toy-gelu): tiny random CLIPs
+
+
+def is_toy_backbone(name: str | None) -> bool:
+    """A tiny random backbone (``toy``, ``toy-gelu``, ...): its runs are smoke runs whose numbers mean nothing."""
+    return bool(name) and (name == TOY_BACKBONE or name.startswith(TOY_BACKBONE + "-"))
+
 SMOKE_TITLE = "SMOKE RUN: the toy backbone has RANDOM weights, these numbers mean nothing"
 
 # Upstream path components that name a protocol (ours, CoOp, APPLeNet/C-SAW trees).
@@ -124,6 +131,10 @@ def load_published(path: Path = PUBLISHED_FILE) -> dict:
     for key in ("datasets", "methods", "backbone", "shots"):
         if key not in data:
             raise ResultsError(f"published results {path} lack the key {key!r}; restore it from git")
+    for name, entry in data.get(ZEROSHOT_BLOCK, {}).get("results", {}).items():
+        missing = [k for k in ("trainer", "config", "backbone", "accuracy") if k not in entry]
+        if missing:
+            raise ResultsError(f"published zero-shot row {name!r} in {path} lacks {missing}; restore it from git")
     return data
 
 
@@ -568,11 +579,19 @@ def _row_labels(methods: Sequence[Method]) -> dict[Method, str]:
         extra = [m.config] if m.config else []
         if vary_shots:
             extra.append(f"{m.shots} shots" if m.shots is not None else "? shots")
-        if vary_backbone or plain[m] in clashes or m.backbone == TOY_BACKBONE:  # a random toy backbone is always named
+        if vary_backbone or plain[m] in clashes or _always_named(m.backbone):
             extra.append(m.backbone or "backbone ?")
         text = f"{m.trainer} ({', '.join(extra)})" if extra else m.trainer
         labels[m] = f"{text} [{m.label}]" if m.label else text
     return labels
+
+
+_OPENAI_BACKBONE = re.compile(r"^(RN\d+(x\d+)?|ViT-[BL]/\d+(@\d+px)?)$")
+
+
+def _always_named(backbone: str | None) -> bool:
+    """A backbone other than OpenAI's (a random ``toy``, a remote-sensing CLIP) is named in every row label."""
+    return bool(backbone) and not _OPENAI_BACKBONE.match(backbone)
 
 
 def _incomplete_notes(groups: Iterable[Group], labels: dict[Method, str]) -> list[str]:
@@ -761,6 +780,57 @@ def _per_dataset_table(protocol: str, groups: list[Group], reference: dict) -> l
     return [table]
 
 
+def _zeroshot_columns(table: Table) -> tuple[dict[Column, str], Column | None, list[Column]]:
+    """Columns holding all-class accuracy on one dataset (-> that dataset), the average column and what it averages."""
+    if table.protocol == "base2new":
+        return {}, None, []
+    averages = (Column("Average"), Column("Target avg"))
+    columns = {c: c.group for c in table.columns if c.metric in ("", "(source)") and c not in averages}
+    if Column("Average") in table.columns:
+        return columns, Column("Average"), list(columns)
+    if Column("Target avg") in table.columns:
+        return columns, Column("Target avg"), [c for c in columns if c.metric == ""]
+    return columns, None, []
+
+
+def _add_zeroshot_published(table: Table, published: dict) -> None:
+    """Published zero-shot rows (all classes, one backbone each) in a table with zero-shot runs of ours.
+
+    Δ rows only for our runs of the same trainer, config and backbone as a published row: like with like.
+    """
+    block = published.get(ZEROSHOT_BLOCK)
+    columns, avg_col, averaged = _zeroshot_columns(table)
+    ours = [r for r in table.rows if r.kind == "ours"]
+    if not block or not columns or not any(
+        r.method.trainer == e["trainer"] for r in ours for e in block["results"].values()
+    ):
+        return
+    added = 0
+    for name, entry in block["results"].items():
+        cells = {c: Cell(entry["accuracy"][d]) for c, d in columns.items() if d in entry["accuracy"]}
+        if not cells:
+            continue
+        if avg_col is not None:
+            cells[avg_col] = _mean_cell([cells.get(c) for c in averaged], len(averaged))
+        table.rows.append(Row(f"{name} (published zero-shot)", "published", None, cells))
+        added += 1
+        key = (entry["trainer"], entry["config"], entry["backbone"])
+        for row in ours:
+            if (row.method.trainer, row.method.config, row.method.backbone) != key:
+                continue
+            diff = {
+                c: Cell(cell.mean - cells[c].mean, incomplete=cell.incomplete or cells[c].incomplete)
+                for c, cell in row.cells.items()
+                if c in cells and cell.mean is not None and cells[c].mean is not None
+            }
+            table.rows.append(Row(f"Δ {row.label} vs {name} (published zero-shot)", "diff", row.method, diff))
+    if added:
+        table.notes.append(
+            f"Published zero-shot rows: {block['about']} ({block['source']['url']}). Δ only for our runs of the same "
+            "trainer, config and backbone as a published row. Δ = ours − published."
+        )
+
+
 def build_tables(groups: Sequence[Group], protocol: str | None = None, published: dict | None = None) -> list[Table]:
     """Comparison tables for every protocol present (or only ``protocol``).
 
@@ -779,6 +849,8 @@ def build_tables(groups: Sequence[Group], protocol: str | None = None, published
         else:
             tables += _per_dataset_table(proto, mine, reference)
     for table in tables:
+        if published is not None:
+            _add_zeroshot_published(table, published)
         smoke = _smoke_rows(table)
         if smoke:
             table.notes.insert(0, f"{SMOKE_TITLE} ({'; '.join(r.label for r in smoke)}): they test the pipeline, "
@@ -788,7 +860,7 @@ def build_tables(groups: Sequence[Group], protocol: str | None = None, published
 
 def _smoke_rows(table: Table) -> list[Row]:
     """Our rows run with the toy backbone (a smoke run: random weights)."""
-    return [r for r in table.rows if r.kind == "ours" and r.method is not None and r.method.backbone == TOY_BACKBONE]
+    return [r for r in table.rows if r.kind == "ours" and r.method is not None and is_toy_backbone(r.method.backbone)]
 
 
 # ---------------------------------------------------------------------------------------- rendering

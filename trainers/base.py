@@ -296,6 +296,16 @@ def git_sha() -> str | None:
         return None
 
 
+def check_input_size(clip_model: nn.Module, cfg: CN) -> None:
+    """The images of ``INPUT.SIZE`` fit the backbone (its positional embeddings fix the input size), else ValueError."""
+    side = clip_model.visual.input_resolution
+    if tuple(cfg.INPUT.SIZE) != (side, side):
+        raise ValueError(
+            f"Backbone {cfg.MODEL.BACKBONE.NAME!r} takes {side}x{side} images but INPUT.SIZE is "
+            f"{tuple(cfg.INPUT.SIZE)}: add the option INPUT.SIZE \"({side}, {side})\" (after -- in the scripts)."
+        )
+
+
 class PromptTrainer(TrainerX):
     """Base Dassl trainer for CLIP prompt learners (see module docstring)."""
 
@@ -349,6 +359,7 @@ class PromptTrainer(TrainerX):
         classnames = list(self.dm.dataset.classnames)
         logger.info("Loading CLIP backbone %s", cfg.MODEL.BACKBONE.NAME)
         clip_model = load_clip(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.PATH or None, device="cpu")
+        check_input_size(clip_model, cfg)
         if self.prec == "fp16":
             convert_weights(clip_model)  # upstream behaviour: CLIP weights in half precision
         logger.info("Building %s with %d classes", type(self).__name__, len(classnames))

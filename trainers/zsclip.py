@@ -1,28 +1,45 @@
-"""ZeroshotCLIP and ZeroshotCLIPEnsemble: hand-crafted prompts, no training."""
+"""ZeroshotCLIP and ZeroshotCLIPEnsemble: hand-crafted prompts, no training.
+
+``TRAINER.ZSCLIP.TEMPLATES`` names the prompts (:func:`models.prompts.resolve_templates`): a template set
+(``dataset``, ``rs``, ``rs106``), a literal template with ``{}``, or several joined with ``+``. Empty means the
+trainer's default: the dataset's template (ZeroshotCLIP) or it and the ``rs`` ensemble (ZeroshotCLIPEnsemble).
+Several templates are an ensemble: their normalised text features are averaged.
+"""
 
 from __future__ import annotations
 
 import logging
 
 from dassl.engine import TRAINER_REGISTRY
+from yacs.config import CfgNode as CN
 
-from models.prompts import ensemble_templates
+from models.prompts import resolve_templates
 from models.zsclip import ZeroshotModel
 from trainers.base import PromptTrainer
 
 logger = logging.getLogger(__name__)
 
 
+def add_config(cfg: CN) -> None:
+    """``TRAINER.ZSCLIP``: the zero-shot prompts."""
+    cfg.TRAINER.ZSCLIP = CN()
+    cfg.TRAINER.ZSCLIP.TEMPLATES = ""  # "" = the trainer's default; dataset | rs | rs106 | "a ... {}." | a+b
+
+
 @TRAINER_REGISTRY.register()
 class ZeroshotCLIP(PromptTrainer):
-    """Zero-shot CLIP with the dataset's template (e.g. "a satellite photo of a {}.")."""
+    """Zero-shot CLIP with the dataset's template (e.g. "a satellite photo of a {}.") or ``TEMPLATES``."""
+
+    DEFAULT_TEMPLATES = "dataset"
 
     def templates(self) -> list[str]:
-        return [self.dataset_template()]
+        """The prompts of ``TRAINER.ZSCLIP.TEMPLATES`` (or of the trainer's default)."""
+        return resolve_templates(self.cfg.TRAINER.ZSCLIP.TEMPLATES or self.DEFAULT_TEMPLATES, self.dataset_template())
 
     def build_prompt_model(self, clip_model, classnames):
         templates = self.templates()
-        logger.info("Zero-shot templates: %s", templates)
+        shown = templates if len(templates) <= 8 else [*templates[:3], "...", templates[-1]]
+        logger.info("Zero-shot templates (%d): %s", len(templates), shown)
         return ZeroshotModel(clip_model, classnames, templates)
 
     def train(self) -> None:
@@ -35,5 +52,4 @@ class ZeroshotCLIP(PromptTrainer):
 class ZeroshotCLIPEnsemble(ZeroshotCLIP):
     """Zero-shot CLIP averaging the text features of the dataset template and a remote-sensing ensemble."""
 
-    def templates(self) -> list[str]:
-        return ensemble_templates(self.dataset_template())
+    DEFAULT_TEMPLATES = "dataset+rs"
