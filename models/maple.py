@@ -26,7 +26,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from models.deep_prompts import DeepPromptModel, capped_depth, random_prompts, require_vit, word_context
+from models.deep_prompts import DeepPromptModel, capped_depth, random_prompts, word_context
+from models.encoders import require_vit
 from models.prompts import ClassPrompts
 
 logger = logging.getLogger(__name__)

@@ -36,9 +36,9 @@ from models.deep_prompts import (
     capped_depth,
     random_prompt,
     random_prompts,
-    require_vit,
     word_context,
 )
+from models.encoders import require_vit
 from models.prompts import ClassPrompts, template_text_features
 
 logger = logging.getLogger(__name__)
