@@ -106,6 +106,24 @@ def assert_close_fp32(actual, expected, rel: float = 1e-5, what: str = "") -> No
         raise AssertionError(f"{what}: {exc}" if what else str(exc)) from None
 
 
+def small_clip(text_width: int = 128, seed: int = 0):
+    """A small random CLIP (pure PyTorch): image feature 32, ViT width 128 (2 heads), 3 layers per tower, 32 px
+    images, text width ``text_width`` (2 heads), and non-trivial layer norms."""
+    import torch
+    from clip.model import CLIP
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128, vision_patch_size=16,
+                     context_length=77, vocab_size=49408, transformer_width=text_width, transformer_heads=2,
+                     transformer_layers=3).float().eval()  # fmt: skip
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "ln" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed_random_generators(request: pytest.FixtureRequest) -> None:
     """Seed torch, NumPy and Python's ``random`` per test (from its node id and ``--test-seed``)."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clip.model import CLIP
-from conftest import assert_close_fp32
+from conftest import assert_close_fp32, small_clip
 
 from models import reference
 from models.cocoop import CoCoOpModel
@@ -25,19 +25,7 @@ CLASSNAMES = ["baseball_field", "dense residential area", "harbor", "overpass", 
 @pytest.fixture(scope="module")
 def make_clip():
     """A small random CLIP with 2 attention heads and 3 layers per tower, non-trivial layer norms."""
-
-    def make() -> CLIP:
-        torch.manual_seed(0)
-        model = CLIP(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128, vision_patch_size=16,
-                     context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
-                     transformer_layers=3).float().eval()  # fmt: skip
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "ln" in name:
-                    p.add_(0.1 * torch.randn_like(p))
-        return model
-
-    return make
+    return small_clip
 
 
 @pytest.fixture(scope="module")

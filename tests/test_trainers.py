@@ -180,7 +180,7 @@ def _upstream_state(name: str, ours: dict[str, torch.Tensor]) -> dict[str, torch
     return state
 
 
-@pytest.mark.parametrize("name", ["CoOp", "CoCoOp", "MaPLe"])
+@pytest.mark.parametrize("name", ["CoOp", "CoCoOp", "MaPLe", "APPLeNet", "CLIP_Adapter"])
 def test_upstream_checkpoint_layout_loads(name, toy_root, tmp_path):
     trainer = build(toy_root, tmp_path / "out", name)
     ours = trainer.model.prompt_learner.state_dict()
@@ -193,6 +193,21 @@ def test_upstream_checkpoint_layout_loads(name, toy_root, tmp_path):
     prefix = "prompt_learner." if name == "MaPLe" else ""
     for key in ours:
         assert torch.equal(loaded[key], upstream[prefix + key]), key
+
+
+# ------------------------------------------------------------------------------------------ method-specific losses
+def test_applenet_loss_reads_the_config(toy_root, tmp_path):
+    """APPLeNet trains on cross-entropy + LOSS.CRP_WEIGHT x penalty(LOSS.T) of the model's own outputs."""
+    from models.applenet import context_redundancy_penalty
+
+    trainer = build(toy_root, tmp_path, "APPLeNet", "LOSS.CRP_WEIGHT", "0.5", "LOSS.T", "1.5")
+    images, labels, extras = first_batch(trainer, "train")
+    loss, logits = trainer.compute_loss(images, labels, extras)
+    expected_logits, ctx = trainer.model.forward_with_context(images)
+    penalty, defined = context_redundancy_penalty(ctx, 1.5)
+    assert defined and torch.equal(logits, expected_logits)
+    expected = torch.nn.functional.cross_entropy(logits, labels) + 0.5 * penalty
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bad input

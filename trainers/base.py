@@ -257,11 +257,15 @@ class PromptTrainer(TrainerX):
         labels = batch["label"].to(self.device, non_blocking=True)
         return images, labels, self.batch_extras(batch)
 
+    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor, extras: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training loss and logits of a batch (runs under autocast); methods with more loss terms override it."""
+        logits = self.model(images, **extras)
+        return F.cross_entropy(logits.float(), labels), logits
+
     def forward_backward(self, batch: dict) -> dict:
         images, labels, extras = self.parse_batch(batch)
         with self.autocast():
-            logits = self.model(images, **extras)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss, logits = self.compute_loss(images, labels, extras)
         self.detect_anomaly(loss)
         self.optim.zero_grad(set_to_none=True)
         if self.scaler is not None:
