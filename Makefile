@@ -18,7 +18,7 @@ DASSL_SRC ?=
 CONSTRAINTS ?= constraints.txt
 SEEDS ?= 1 2 3 4 5
 
-.PHONY: setup dassl dassl-if-possible test test-seeds lint demo freeze clean
+.PHONY: setup dassl dassl-if-possible test test-seeds lint demo gpu-check freeze clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -59,7 +59,7 @@ dassl-if-possible: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/shellcheck -x scripts/*/*.sh .ci/run
+	$(VENV)/bin/shellcheck -x scripts/*/*.sh scripts/*.sh .ci/run
 
 ## test: install (Dassl too, when possible), lint (ruff, shellcheck) and run the offline test suite
 test: setup lint
@@ -75,6 +75,11 @@ test-seeds: setup
 ## demo: the embedded default: BiMoRS base-to-new on ToyRS, offline, toy backbone, CPU
 demo: dassl
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/bimors/base2new.sh
+
+## gpu-check: the prepared GPU check (docs/gpu.md): CUDA tests, benchmark, smoke run; CPU-runnable parts without CUDA
+# No dependency on the venv: on a bare GPU machine the script installs carried wheels itself (GPU_CHECK_ARGS: --out, --budget).
+gpu-check:
+	bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 ## freeze: rewrite constraints.txt from .venv (after a green `make test` with new versions)
 freeze:

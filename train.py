@@ -8,6 +8,12 @@ r"""Train and/or evaluate one run: one trainer, one dataset config, one seed, on
 CoOp's command line, so commands from the CoOp family carry over (Dassl's domain-adaptation flags are
 accepted and ignored). Besides Dassl's log.txt the output folder gets config.yaml and, after testing,
 results.json. A whole protocol (base-to-new, cross-dataset, ...) is one script: scripts/<trainer>/<protocol>.sh.
+
+The console gets a short header; the full config and environment go to log.txt only. A run holds a lock on
+its output folder for its whole life; running again into the same folder continues log.txt and resumes from
+the last checkpoint when that checkpoint belongs to the same run. Expected errors (bad input: dataset, split,
+images, backbone, captions, checkpoint, config) end the run with one ``error:`` line on stderr (also written to
+log.txt) and exit status 2; BIMORS_DEBUG=1 shows the traceback. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import logging
 import os
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -52,13 +60,18 @@ class _CurrentStdoutHandler(logging.StreamHandler):
 class _Tee:
     """Write-through copy of stdout into the run's log file."""
 
-    def __init__(self, console, log_file) -> None:
-        self.console, self.log_file = console, log_file
+    def __init__(self, console, log_file, path: Path) -> None:
+        self.console, self.log_file, self.path = console, log_file, path
 
     def write(self, text: str) -> int:
         self.console.write(text)
         self.log_file.write(text)
         return len(text)
+
+    def log_only(self, text: str) -> None:
+        """Write ``text`` into the log file only (the full config, the environment, tracebacks)."""
+        self.log_file.write(text if text.endswith("\n") else text + "\n")
+        self.log_file.flush()
 
     def flush(self) -> None:
         self.console.flush()
@@ -68,20 +81,33 @@ class _Tee:
         return False
 
 
+RESUME_MARK = "===== resumed"
+
+
 @contextlib.contextmanager
 def tee_stdout(output_dir: str):
-    """Copy stdout into ``<output_dir>/log.txt`` (Dassl's file name and behaviour: an existing log is kept and
-    the new one gets a time suffix); stdout is restored afterwards, so ``main`` can run several times in one
-    process (Dassl's own ``setup_logger`` closes the console when its logger is garbage-collected)."""
+    """Copy stdout into ``<output_dir>/log.txt`` and yield the :class:`_Tee`.
+
+    An existing ``log.txt`` (a run stopped earlier, or finished) is continued after a marked line
+    (``===== resumed <time> ...``), so it always ends with the latest attempt's results, which is where CoOp's
+    parse scripts look (Dassl would start a ``log.txt-<time>`` instead). stdout is restored afterwards, so
+    ``main`` can run several times in one process (Dassl's own ``setup_logger`` closes the console when its
+    logger is garbage-collected).
+    """
     path = Path(output_dir) / "log.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path = path.with_name("log.txt" + time.strftime("-%Y-%m-%d-%H-%M-%S"))
+    earlier = path.is_file() and path.stat().st_size > 0
     console = sys.stdout
-    with open(path, "w") as fh:
-        sys.stdout = _Tee(console, fh)
+    with open(path, "a", buffering=1) as fh:  # line-buffered: a killed run keeps its log up to its last line
+        if earlier:
+            fh.write(
+                f"\n{RESUME_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')} (process {os.getpid()}): train.py started "
+                "again in this folder; the lines above are earlier attempts =====\n"
+            )
+        tee = _Tee(console, fh, path)
+        sys.stdout = tee
         try:
-            yield path
+            yield tee
         finally:
             sys.stdout.flush()
             sys.stdout = console
@@ -151,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config-file", type=str, default="", help="trainer config: configs/trainers/<trainer>/*.yaml")
     run.add_argument("--dataset-config-file", type=str, default="", help="dataset config: configs/datasets/*.yaml")
     run.add_argument("--root", type=str, default="", help="data root, the folder holding PatternNet/, RSICD/, ...")
-    run.add_argument("--seed", type=int, default=-1, help="random seed (the protocols use 1, 2, 3)")
+    run.add_argument("--seed", type=int, default=-1, help="random seed, a positive integer (the protocols use 1, 2, 3)")
     run.add_argument("--output-dir", type=str, default="", help="run folder (log.txt, config.yaml, checkpoints, "
                      "results.json)")  # fmt: skip
     run.add_argument("--backbone", type=str, default="", help="CLIP backbone, sets MODEL.BACKBONE.NAME "
@@ -178,7 +204,7 @@ def reset_cfg(cfg, args) -> None:
         cfg.OUTPUT_DIR = args.output_dir
     if args.resume:
         cfg.RESUME = args.resume
-    if args.seed:
+    if args.seed is not None and args.seed != -1:  # CoOp's `if args.seed:` silently dropped --seed 0
         cfg.SEED = args.seed
     if args.source_domains:
         cfg.DATASET.SOURCE_DOMAINS = args.source_domains
@@ -219,6 +245,7 @@ def setup_cfg(args):
     from dassl.config import get_cfg_default
 
     import trainers
+    from common.errors import ConfigError
     from datasets.catalog import add_dataset_config
 
     cfg = get_cfg_default()
@@ -228,34 +255,120 @@ def setup_cfg(args):
         if not path:
             continue
         if not os.path.isfile(path):
-            raise SystemExit(f"error: {label} {path} does not exist")
+            raise ConfigError(f"{label} {path} does not exist")
         try:
             cfg.merge_from_file(path)
         except (KeyError, ValueError, AssertionError) as exc:
-            raise SystemExit(f"error: {label} {path}: {exc}") from exc
+            raise ConfigError(f"{label} {path}: {exc}") from exc
     reset_cfg(cfg, args)
     try:
         cfg.merge_from_list(args.opts or [])
     except (KeyError, ValueError, AssertionError) as exc:
-        raise SystemExit(f"error: command-line options {args.opts}: {exc}") from exc
+        raise ConfigError(f"command-line options {args.opts}: {exc}") from exc
     cfg.freeze()
     return cfg
 
 
+def check_run_cfg(cfg, args) -> None:
+    """Refuse settings that cannot give the run they describe (unknown trainer or dataset, no positive seed,
+    a training run of zero epochs), each with a :class:`common.errors.ConfigError` naming the fix."""
+    from dassl.engine import TRAINER_REGISTRY
+
+    from common.errors import ConfigError
+    from datasets.catalog import spec_from_cfg
+
+    names = sorted(TRAINER_REGISTRY.registered_names())
+    if cfg.TRAINER.NAME not in names:
+        raise ConfigError(f"unknown trainer {cfg.TRAINER.NAME!r} (--trainer): use one of {', '.join(names)}")
+    spec_from_cfg(cfg)  # unknown dataset name, empty --root, bad template: DatasetError naming the fix
+    if cfg.SEED < 1:
+        raise ConfigError(
+            f"SEED is {cfg.SEED}: pass --seed N with a positive integer (the protocols use 1 2 3). A run without a "
+            "fixed seed cannot be reproduced, and seed 0 was silently unseeded by CoOp's command line."
+        )
+    if not (args.eval_only or args.no_train) and cfg.OPTIM.MAX_EPOCH < 1:
+        raise ConfigError(
+            f"OPTIM.MAX_EPOCH is {cfg.OPTIM.MAX_EPOCH}: a training run needs at least 1 epoch; to evaluate a "
+            "model without training it, pass --eval-only (with --model-dir to load trained weights)."
+        )
+
+
+def run_header(cfg) -> str:
+    """The console's one-line summary of a run (the full config goes to log.txt only), with the precision the
+    run really uses (fp16/amp need a GPU: on a CPU they run in fp32, which the header says once)."""
+    import torch
+    from dassl.engine import TRAINER_REGISTRY
+
+    from trainers.base import effective_prec
+
+    shots = int(cfg.DATASET.NUM_SHOTS)
+    trainer = TRAINER_REGISTRY.get(cfg.TRAINER.NAME)
+    configured = trainer.configured_prec(cfg) if hasattr(trainer, "configured_prec") else "fp32"
+    prec = effective_prec(configured, "cuda" if torch.cuda.is_available() and cfg.USE_CUDA else "cpu")
+    return (
+        f"{cfg.TRAINER.NAME} ({cfg.BENCH.CONFIG_NAME or 'default config'}) on {cfg.DATASET.NAME} "
+        f"({cfg.DATASET.SUBSAMPLE_CLASSES} classes), {shots if shots >= 1 else 'all'} shots, seed {cfg.SEED}, "
+        f"backbone {cfg.MODEL.BACKBONE.NAME}, precision {prec}{'' if prec == configured else f' ({configured} needs a GPU)'}, "
+        f"output {cfg.OUTPUT_DIR}"
+    )
+
+
+LOCK_FILE = ".run.lock"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run training and/or evaluation; returns the process exit code."""
+    """Run training and/or evaluation; returns the process exit code (2: an expected error, one line on stderr)."""
     args = build_parser().parse_args(argv)
     if importlib.util.find_spec("dassl") is None:
         sys.stderr.write(DASSL_INSTALL + "\n")
         return 2
-    import datasets.remote_sensing  # noqa: F401  (registers the datasets)
+    # OpenAI's clip package imports pkg_resources, which warns about its own deprecation on every run.
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated as an API", category=UserWarning)
+    from common.errors import ExpectedError, debug_enabled, one_line
 
-    cfg = setup_cfg(args)
-    with tee_stdout(cfg.OUTPUT_DIR), console_logging():
-        return run(cfg, args)
+    log_path = None
+    try:
+        import datasets.remote_sensing  # noqa: F401  (registers the datasets)
+
+        cfg = setup_cfg(args)
+        check_run_cfg(cfg, args)
+        with console_logging(), locked_run_folder(cfg.OUTPUT_DIR), tee_stdout(cfg.OUTPUT_DIR) as tee:
+            log_path = tee.path
+            try:
+                return run(cfg, args, tee)
+            except ExpectedError as exc:
+                tee.log_only(f"error: {one_line(exc)}\n" + (traceback.format_exc() if debug_enabled() else ""))
+                raise
+            except BaseException:
+                tee.log_only(traceback.format_exc())
+                raise
+    except ExpectedError as exc:
+        if debug_enabled():
+            raise
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {one_line(exc)}\n")
+        where = f"log: {log_path}; " if log_path else ""
+        sys.stderr.write(f"({where}BIMORS_DEBUG=1 shows the traceback)\n")
+        return 2
 
 
-def run(cfg, args) -> int:
+@contextlib.contextmanager
+def locked_run_folder(output_dir: str):
+    """Hold the run folder's lock (``<output_dir>/.run.lock``) for the run's life; another live process in the
+    same folder is an expected error naming it; a lock left by a killed run is taken over with a note."""
+    from common.io import exclusive_lock
+
+    def busy(pid: str) -> str:
+        return (
+            f"{output_dir} is in use by another run (process {pid}): wait for it to finish, or give this run "
+            "another --output-dir"
+        )
+
+    with exclusive_lock(Path(output_dir) / LOCK_FILE, describe=busy):
+        yield
+
+
+def run(cfg, args, tee=None) -> int:
     """Build the trainer from a frozen config and train and/or evaluate."""
     import torch
     from dassl.engine import build_trainer
@@ -263,14 +376,15 @@ def run(cfg, args) -> int:
 
     from common.io import write_text_atomic
 
-    if cfg.SEED >= 0:
-        set_random_seed(cfg.SEED)
-
+    set_random_seed(cfg.SEED)
     if torch.cuda.is_available() and cfg.USE_CUDA:
         torch.backends.cudnn.benchmark = True
-    logger.info("Arguments: %s", vars(args))
-    logger.info("Config:\n%s", cfg)
-    logger.info("Environment:\n%s", collect_env_info())
+    logger.info("%s", run_header(cfg))
+    details = f"Arguments: {vars(args)}\nConfig:\n{cfg}\nEnvironment:\n{collect_env_info()}\n"
+    if tee is not None:
+        tee.log_only(details)
+    if not args.eval_only and not args.no_train:
+        check_resume_point(cfg)  # before config.yaml is replaced: a refused run must not rewrite the record
     write_text_atomic(Path(cfg.OUTPUT_DIR) / "config.yaml", cfg.dump())
 
     trainer = build_trainer(cfg)
@@ -281,6 +395,18 @@ def run(cfg, args) -> int:
     if not args.no_train:
         trainer.train()
     return 0
+
+
+def check_resume_point(cfg) -> None:
+    """Before anything is built: refuse to resume from a checkpoint of another run (trainers.base.check_resume)."""
+    from dassl.engine import TRAINER_REGISTRY
+
+    from trainers.base import check_resume, load_checkpoint_file, resume_files
+
+    directory = cfg.RESUME or cfg.OUTPUT_DIR
+    files = resume_files(directory, [TRAINER_REGISTRY.get(cfg.TRAINER.NAME).MODULE_NAME])
+    for _, path in files or []:
+        check_resume(load_checkpoint_file(path), path, cfg)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,19 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from common.errors import ExpectedError
+
 logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 USER_AGENT = "bimors-benchmark/1.0"
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -42,6 +51,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; the result gets a plain new file's mode
     os.close(fd)
     tmp = Path(name)
     try:
@@ -72,6 +82,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes a 0700 folder; others (a shared data root) must read the result
     try:
         yield tmp
         try:
@@ -104,7 +115,7 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
     return digest.hexdigest()
 
 
-class DownloadError(RuntimeError):
+class DownloadError(ExpectedError, RuntimeError):
     """A download failed; the message names the URL, the cause and what to do."""
 
 
@@ -158,7 +169,7 @@ def download(url: str, path: str | os.PathLike, resume: bool = False, timeout: f
         raise DownloadError(f"Downloading {url} stopped at {received} of {total} bytes.{keep}")
 
 
-class LockHeldError(RuntimeError):
+class LockHeldError(ExpectedError, RuntimeError):
     """Another live process holds the lock."""
 
 
@@ -166,9 +177,10 @@ class LockHeldError(RuntimeError):
 def exclusive_lock(path: str | os.PathLike, describe: Callable[[str], str] | None = None) -> Iterator[Path]:
     """Hold an exclusive, non-blocking ``flock`` on ``path`` (created if needed) for the ``with`` block.
 
-    The lock file records the holder's PID. The kernel releases an ``flock`` when its process dies, so a lock
-    file left by a killed process is simply taken over. Raises :class:`LockHeldError` when a live process
-    holds it; ``describe(holder_pid_text)`` builds that error's message.
+    The lock file records the holder's PID while it is held and is emptied on a normal exit. The kernel
+    releases an ``flock`` when its process dies, so a lock file left by a killed process is taken over, with
+    a logged note naming the dead holder. Raises :class:`LockHeldError` when a live process holds it;
+    ``describe(holder_pid_text)`` builds that error's message.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +194,14 @@ def exclusive_lock(path: str | os.PathLike, describe: Callable[[str], str] | Non
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             msg = describe(holder) if describe else f"{path} is locked by process {holder}"
             raise LockHeldError(msg) from None
+        stale = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if stale:
+            logger.warning("Taking over the lock %s of process %s, which ended without releasing it", path, stale)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # a normal exit leaves an empty file: only a killed holder leaves its PID
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -10,6 +10,9 @@ Per dataset, under ``<dataset_dir>/captions/``:
   (rows sorted by relpath), with the ordered relpaths and the settings in the file's metadata. It is
   written atomically (:func:`common.io.atomic_open`).
 
+When the data root is read-only, the store lives in the user cache instead (:func:`store_folders`,
+:mod:`datasets.storage`); readers look in ``<dataset_dir>/captions/`` first.
+
 Keys are paths relative to ``<dataset_dir>/images/`` in POSIX form. ``settings`` (model ids, generation
 and preprocessing settings, encoding) must match exactly for a store to be extended or used: a store
 made with other settings is refused, never mixed in. ``info`` (library versions) is informational.
@@ -29,7 +32,9 @@ from typing import Any
 
 import torch
 
+from common.errors import ExpectedError
 from common.io import atomic_open
+from datasets import storage
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ FEATURES_KEY = "features"
 N_SHOWN = 5  # how many paths an error message lists
 
 
-class CaptionStoreError(ValueError):
+class CaptionStoreError(ExpectedError, ValueError):
     """A caption store cannot be used as it is (damaged file, wrong settings, missing rows)."""
 
 
@@ -57,7 +62,7 @@ class CaptionStoreMismatchError(CaptionStoreError):
     """A store was made with other settings than the ones asked for."""
 
 
-class CaptionModelNotFoundError(ValueError):
+class CaptionModelNotFoundError(ExpectedError, ValueError):
     """A captioner or caption encoder could not be found locally, in the cache or on the hub."""
 
 
@@ -96,9 +101,23 @@ def captions_dir(dataset_dir: Path) -> Path:
     return Path(dataset_dir) / CAPTIONS_DIRNAME
 
 
-def store_paths(dataset_dir: Path, captioner: str, encoder: str) -> tuple[Path, Path]:
-    """(caption log ``captions/<captioner>.jsonl``, vectors ``captions/<captioner>__<encoder>.safetensors``)."""
-    folder = captions_dir(dataset_dir)
+def store_folders(dataset_dir: Path) -> list[Path]:
+    """Where a dataset's caption stores may be: ``<dataset_dir>/captions``, then its user-cache stand-in (used
+    when the data root is read-only)."""
+    primary = captions_dir(dataset_dir)
+    return [primary, storage.fallback_for(primary)]
+
+
+def find_store_folder(dataset_dir: Path, captioner: str, encoder: str) -> Path:
+    """The first of :func:`store_folders` that holds this captioner/encoder's vectors (else the first)."""
+    folders = store_folders(dataset_dir)
+    return next((f for f in folders if store_paths(dataset_dir, captioner, encoder, f)[1].exists()), folders[0])
+
+
+def store_paths(dataset_dir: Path, captioner: str, encoder: str, folder: Path | None = None) -> tuple[Path, Path]:
+    """(caption log ``captions/<captioner>.jsonl``, vectors ``captions/<captioner>__<encoder>.safetensors``),
+    in ``folder`` when given (one of :func:`store_folders`)."""
+    folder = Path(folder) if folder is not None else captions_dir(dataset_dir)
     cap = model_slug(captioner)
     return folder / f"{cap}.jsonl", folder / f"{cap}__{model_slug(encoder)}.safetensors"
 
@@ -391,7 +410,7 @@ def load_caption_features(
     ``CaptionStoreMismatchError`` when it was made with another captioner or encoder.
     """
     dataset_dir = Path(dataset_dir)
-    log_path, path = store_paths(dataset_dir, captioner, encoder)
+    log_path, path = store_paths(dataset_dir, captioner, encoder, find_store_folder(dataset_dir, captioner, encoder))
     command = captions_command(dataset or dataset_dir.name, dataset_dir.parent, captioner, encoder)
     if not path.exists():
         raise MissingCaptionsError(

@@ -19,6 +19,8 @@ from typing import Any
 
 from yacs.config import CfgNode
 
+from common.errors import ExpectedError
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +34,7 @@ DOWNLOADS_DIR = "downloads"
 
 
 # --------------------------------------------------------------------------------------------- errors
-class DatasetError(Exception):
+class DatasetError(ExpectedError):
     """Base class of every dataset error (bad layout, bad split file, failed download)."""
 
 
@@ -469,6 +471,11 @@ class DatasetSpec:
     def display_name(self, raw: str) -> str:
         """The class name put into prompts for the folder name ``raw``."""
         return self.classname_map.get(raw) or humanize(raw)
+
+    @property
+    def label(self) -> str:
+        """The dataset's name in messages: the catalogue name, or the folder name for ``ImageFolderRS``."""
+        return self.dataset_dir.name if self.info is None else self.name
 
     @property
     def prepare_command(self) -> str:

@@ -9,11 +9,13 @@ class names are the display names that trainers put into prompts.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
+from dassl.data.data_manager import DatasetWrapper
 from dassl.data.datasets import DATASET_REGISTRY, DatasetBase, Datum
 
-from datasets.catalog import CATALOG, GENERIC_NAME, DatasetInfo, spec_from_cfg
-from datasets.splits import Item, few_shot, load_splits, subsample_classes
+from datasets.catalog import CATALOG, GENERIC_NAME, CorruptImageError, DatasetInfo, spec_from_cfg
+from datasets.splits import VERIFY_DOES, Item, few_shot, image_decodes, load_splits, subsample_classes
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ class RemoteSensingDataset(DatasetBase):
 
     Reads the official split file (or the generated 49/21/30 split), draws ``DATASET.NUM_SHOTS`` shots
     per class with ``SEED`` (cached, shared by base/new/all), then keeps ``DATASET.SUBSAMPLE_CLASSES``.
+    ``shots_per_class`` (display name -> training images) records what was really drawn: a class with fewer
+    training images than ``NUM_SHOTS`` gives all it has (with a warning).
     """
 
     def __init__(self, cfg):
@@ -43,8 +47,18 @@ class RemoteSensingDataset(DatasetBase):
         train, val, test = subsample_classes(splits["train"], splits["val"], splits["test"], subsample=subsample)
         logger.info(
             "%s: %d train / %d val / %d test images (%s classes, %s shots)",
-            self.spec.name, len(train), len(val), len(test), subsample, num_shots if num_shots >= 1 else "all",
+            self.spec.label, len(train), len(val), len(test), subsample, num_shots if num_shots >= 1 else "all",
         )  # fmt: skip
+        counts = Counter(cls for _, _, cls in train)
+        self.shots_per_class = {self.spec.display_name(cls): counts[cls] for cls in dict.fromkeys(c for *_, c in train)}
+        short = {name: n for name, n in self.shots_per_class.items() if n < num_shots}
+        if short:
+            shown = ", ".join(f"{name} {n}" for name, n in list(short.items())[:8]) + (", ..." if len(short) > 8 else "")
+            logger.warning(
+                "!!! DATASET.NUM_SHOTS is %d, but %d of %d classes have fewer training images, so they train on all "
+                "they have: %s. results.json records the real count per class (shots_per_class).",
+                num_shots, len(short), len(self.shots_per_class), shown,
+            )  # fmt: skip
         super().__init__(train_x=self._datums(train), val=self._datums(val), test=self._datums(test))
 
     def _datums(self, items: list[Item]) -> list[Datum]:
@@ -52,6 +66,22 @@ class RemoteSensingDataset(DatasetBase):
             Datum(impath=str(self.spec.image_dir / rel), label=label, classname=self.spec.display_name(cls))
             for rel, label, cls in items
         ]
+
+
+class NamedImageErrors(DatasetWrapper):
+    """Dassl's dataset wrapper, but an image that cannot be read is an error naming the file and the fix."""
+
+    def __getitem__(self, idx: int) -> dict:
+        try:
+            return super().__getitem__(idx)
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL: truncated, unidentified or broken files
+            impath = self.data_source[idx].impath
+            if image_decodes(impath):
+                raise  # the image is fine: the error is elsewhere (a transform), keep it as it is
+            command = spec_from_cfg(self.cfg).prepare_command
+            raise CorruptImageError(
+                f"cannot read image {impath} ({exc}). Run `{command} --verify`: {VERIFY_DOES}."
+            ) from exc
 
 
 class ImageFolderRS(RemoteSensingDataset):

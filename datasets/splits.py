@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.io import file_digest, write_json_atomic
+from common.io import file_digest
+from datasets import storage
 from datasets.catalog import ChecksumError, DatasetNotFoundError, DatasetSpec, SplitError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,18 @@ def _counts(splits: Splits) -> str:
 def is_image_file(name: str) -> bool:
     """True for file names with a known image extension (case-insensitive)."""
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_decodes(path: str | Path) -> bool:
+    """True when Pillow can open and fully decode the image at ``path`` (False when it is missing or broken)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception:  # PIL raises many types for broken files
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------- split files
@@ -88,11 +101,13 @@ def read_split_file(
     expected_md5: str | None = None,
     allow_mismatch: bool = False,
     expected_sizes: tuple[int, int, int] | None = None,
+    prepare: str = "python -m tools.prepare_data DATASET --root DATA",
 ) -> Splits:
     """Read a split file ``{"train"|"val"|"test": [[relpath, label, classname], ...]}``.
 
     When ``expected_md5`` is given and differs, raise :class:`ChecksumError` saying what differs (md5,
-    and the split sizes when ``expected_sizes`` is known) unless ``allow_mismatch`` (then warn).
+    and the split sizes when ``expected_sizes`` is known) and the two ways out (``prepare``, the command that
+    fetches the official file, or the options that accept this one) unless ``allow_mismatch`` (then warn).
     """
     path = Path(path)
     if not path.is_file():
@@ -111,8 +126,9 @@ def read_split_file(
             logger.warning("%s. Using it anyway (split mismatch allowed).", message)
         else:
             raise ChecksumError(
-                message + ". Replace it with the official file (delete it and run the prepare command), or set "
-                "DATASET.ALLOW_SPLIT_MISMATCH True (or --allow-split-mismatch) to use it anyway."
+                f"{message}. Replace it with the official file (delete it, then run `{prepare}`), or use it "
+                "anyway: add `DATASET.ALLOW_SPLIT_MISMATCH True` to the train.py command "
+                "(tools.prepare_data: --allow-checksum-mismatch)."
             )
     return splits
 
@@ -198,41 +214,67 @@ def generate_split(tree: dict[str, list[str]], seed: int = GENERATED_SPLIT_SEED)
     return splits
 
 
-def load_splits(spec: DatasetSpec) -> Splits:
+def load_splits(spec: DatasetSpec, check_images: bool = True) -> Splits:
     """The train/val/test split of a dataset: its split file, or the generated split (made once, reused).
 
-    Checks that the dataset folder, the image folder and every listed image exist.
+    Checks that the dataset folder and the image folder exist, that the class folders on disk are the
+    split's classes and (``check_images``) that every listed image exists.
     """
     fix = f"Prepare it with: {spec.prepare_command}"
     if not spec.dataset_dir.is_dir():
-        raise DatasetNotFoundError(f"Dataset {spec.name} not found: {spec.dataset_dir} does not exist. {fix}")
+        raise DatasetNotFoundError(f"Dataset {spec.label} not found: {spec.dataset_dir} does not exist. {fix}")
     if not spec.image_dir.is_dir():
         raise DatasetNotFoundError(
-            f"Dataset {spec.name} has no image folder {spec.image_dir} (expected images/<class>/<file>). {fix}"
+            f"Dataset {spec.label} has no image folder {spec.image_dir} (expected images/<class>/<file>). {fix}"
         )
     if spec.split_path is not None:
         if not spec.split_path.is_file():
             raise DatasetNotFoundError(
-                f"Split file {spec.split_path} of dataset {spec.name} does not exist. {fix} "
+                f"Split file {spec.split_path} of dataset {spec.label} does not exist. {fix} "
                 "(it downloads the official split), or point DATASET.SPLIT_FILE at your split file."
             )
-        splits = read_split_file(spec.split_path, spec.split_md5, spec.allow_split_mismatch, spec.split_sizes)
+        splits = read_split_file(
+            spec.split_path, spec.split_md5, spec.allow_split_mismatch, spec.split_sizes, spec.prepare_command
+        )
         source: Path = spec.split_path
     else:
-        source = spec.generated_split_path
-        if source.is_file():
-            splits = read_split_file(source)
+        found = storage.existing(spec.generated_split_path)
+        if found is not None:
+            splits, source = read_split_file(found), found
         else:
             splits = generate_split(list_image_tree(spec.image_dir, spec.classnames))
-            write_json_atomic(source, {key: [list(item) for item in items] for key, items in splits.items()})
-            logger.info("Wrote the generated split of %s (%s) to %s", spec.name, _counts(splits), source)
-    check_images_exist(
-        splits,
-        spec.image_dir,
-        source,
-        f"Rerun `{spec.prepare_command}` (add --verify to check every image), or restore the files.",
-    )
+            data = {key: [list(item) for item in items] for key, items in splits.items()}
+            source = storage.write_json(spec.generated_split_path, data, "generated split")
+            logger.info("Wrote the generated split of %s (%s) to %s", spec.label, _counts(splits), source)
+    check_class_folders(spec, splits, source)
+    if check_images:
+        check_images_exist(splits, spec.image_dir, source, f"Run `{spec.prepare_command} --verify`: {VERIFY_DOES}")
     return splits
+
+
+VERIFY_DOES = "it checks every image and restores missing or damaged ones from the download"
+
+
+def check_class_folders(spec: DatasetSpec, splits: Splits, source: Path) -> None:
+    """Raise :class:`SplitError` when ``images/`` holds class folders that the split does not list.
+
+    (Folders the split lists but that are missing show up as missing images.)
+    """
+    listed = {rel.split("/", 1)[0] for items in splits.values() for rel, _, _ in items}
+    on_disk = {p.name for p in spec.image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    extra = sorted(on_disk - listed)
+    if not extra:
+        return
+    if spec.split_path is None and spec.classnames is None:
+        fix = (
+            f"To train on them, delete {source} (the next run generates the split again from the folders on disk, "
+            "which changes every draw); otherwise move them out of images/."
+        )
+    else:
+        fix = f"The classes of {spec.label} are fixed by {'its split file' if spec.split_path else 'the catalogue'}: move them out of images/."
+    raise SplitError(
+        f"{len(extra)} class folders under {spec.image_dir} are not in the split {source}: {_first(extra)}. {fix}"
+    )
 
 
 # ---------------------------------------------------------------------------------------- few-shot
@@ -251,35 +293,66 @@ def _sample_per_label(items: Sequence[Item], k: int, rng: random.Random) -> list
     return out
 
 
+def _checksum(record: dict) -> str:
+    """sha256 of a few-shot record's content (every key but ``checksum``), in a canonical JSON form."""
+    payload = json.dumps({k: v for k, v in record.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _draw(splits: Splits, num_shots: int, seed: int) -> tuple[list[Item], list[Item]]:
+    rng = random.Random(seed)
+    train = _sample_per_label(splits["train"], num_shots, rng)
+    val = _sample_per_label(splits["val"], min(num_shots, MAX_VAL_SHOTS), rng)
+    return train, val
+
+
+def _read_cache(path: Path, splits: Splits, num_shots: int, seed: int) -> tuple[list[Item], list[Item]] | None:
+    """The verified draws of a cache file, or None when it was drawn from another split (draw again).
+
+    Raises :class:`SplitError` when the file was changed after it was written (its checksum does not match its
+    content, or it names other shots or another seed).
+    """
+    fix = f"Delete {path}: the next run draws it again from the split with seed {seed} (the original draws)."
+    try:
+        data = json.loads(path.read_text())
+        draws = [tuple(item) for item in data["train"]], [tuple(item) for item in data["val"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SplitError(f"Few-shot file {path} is not readable ({err}). {fix}") from err
+    if data.get("source") != _fingerprint(splits):
+        logger.warning("%s was drawn from a different split; drawing it again.", path)
+        return None
+    if "checksum" not in data:  # written before few-shot files had a checksum: check it against a fresh draw
+        if [data["train"], data["val"]] != json.loads(json.dumps(_draw(splits, num_shots, seed))):
+            raise SplitError(f"Few-shot file {path} differs from the draws of seed {seed}: it was edited. {fix}")
+        return draws  # type: ignore[return-value]
+    if data.get("checksum") != _checksum(data) or (data.get("num_shots"), data.get("seed")) != (num_shots, seed):
+        raise SplitError(f"Few-shot file {path} was changed after it was drawn (its checksum does not match). {fix}")
+    return draws  # type: ignore[return-value]
+
+
 def few_shot(splits: Splits, num_shots: int, seed: int, cache_dir: str | Path) -> Splits:
     """K training and min(K, 4) validation items per class, drawn with ``random.Random(seed)``.
 
     Same draws as CoOp (``random.seed(seed)`` then ``random.sample`` per label, train then val), cached as
-    ``<cache_dir>/shot_{K}-seed_{S}.json`` and shared by the all/base/new runs. ``test`` is returned
-    unchanged. ``num_shots <= 0`` returns the full splits.
+    ``<cache_dir>/shot_{K}-seed_{S}.json`` (or its user-cache stand-in when ``cache_dir`` is read-only, see
+    :mod:`datasets.storage`) and shared by the all/base/new runs. The file carries a checksum of its content;
+    a file changed by hand is refused. ``test`` is returned unchanged. ``num_shots <= 0`` returns the full splits.
     """
     if num_shots <= 0:
         return {key: list(splits[key]) for key in SPLIT_NAMES}
     cache = Path(cache_dir) / f"shot_{num_shots}-seed_{seed}.json"
-    fingerprint = _fingerprint(splits)
-    if cache.is_file():
-        data = json.loads(cache.read_text())
-        if data.get("source") == fingerprint:
-            logger.info("Loading few-shot split from %s", cache)
-            return {
-                "train": [tuple(item) for item in data["train"]],  # type: ignore[misc]
-                "val": [tuple(item) for item in data["val"]],  # type: ignore[misc]
-                "test": list(splits["test"]),
-            }
-        logger.warning("%s was drawn from a different split; drawing it again.", cache)
-    rng = random.Random(seed)
-    train = _sample_per_label(splits["train"], num_shots, rng)
-    val = _sample_per_label(splits["val"], min(num_shots, MAX_VAL_SHOTS), rng)
-    write_json_atomic(
-        cache,
-        {"num_shots": num_shots, "seed": seed, "source": fingerprint, "train": train, "val": val},
-    )
-    logger.info("Saved few-shot split (%d shots, seed %d) to %s", num_shots, seed, cache)
+    found = storage.existing(cache)
+    draws = _read_cache(found, splits, num_shots, seed) if found is not None else None
+    if draws is not None:
+        logger.info("Loading few-shot split from %s", found)
+        train, val = draws
+    else:
+        train, val = _draw(splits, num_shots, seed)
+        record = {"num_shots": num_shots, "seed": seed, "source": _fingerprint(splits), "train": train, "val": val}
+        record = json.loads(json.dumps(record))  # the checksum covers the JSON form (tuples become lists)
+        record["checksum"] = _checksum(record)
+        where = storage.write_json(cache, record, "few-shot split")
+        logger.info("Saved few-shot split (%d shots, seed %d) to %s", num_shots, seed, where)
     return {"train": train, "val": val, "test": list(splits["test"])}
 
 

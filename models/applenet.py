@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ConfigError
 from models.encoders import TextEncoder, VisualEncoder, freeze
 from models.prompts import ClassPrompts, init_context, meta_net, per_image_logits
 
@@ -79,7 +80,7 @@ class APPLeNetPromptLearner(nn.Module):
         super().__init__()
         visual = clip_model.visual
         if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
-            raise ValueError(
+            raise ConfigError(
                 "APPLeNet needs a ViT backbone (the token sequence of every layer); this is a ResNet CLIP: "
                 "set MODEL.BACKBONE.NAME to a ViT (e.g. ViT-B/16)."
             )
@@ -103,13 +104,27 @@ class APPLeNetPromptLearner(nn.Module):
 
 
 class APPLeNetModel(nn.Module):
-    """Frozen CLIP + :class:`APPLeNetPromptLearner`: ``forward(images) -> logits (B, C)``."""
+    """Frozen CLIP + :class:`APPLeNetPromptLearner`: ``forward(images) -> logits (B, C)``; ``training_loss``
+    adds the context-redundancy penalty (temperature ``temperature``, weight ``crp_weight``) to cross-entropy."""
+
+    #: the image encoder is CLIP's, frozen and unprompted (its layer outputs are read, never changed)
+    IMAGE_ENCODER_PROMPTED = False
 
     def __init__(
-        self, clip_model: nn.Module, classnames: Sequence[str], n_ctx: int = 4, ctx_init: str = "a photo of a"
+        self,
+        clip_model: nn.Module,
+        classnames: Sequence[str],
+        n_ctx: int = 4,
+        ctx_init: str = "a photo of a",
+        temperature: float = 1.0,
+        crp_weight: float = CRP_WEIGHT,
     ) -> None:
         super().__init__()
+        if not temperature > 0:
+            raise ConfigError(f"APPLeNet's temperature LOSS.T is {temperature}; set a positive value (upstream: 1.0).")
         freeze(clip_model)
+        self.temperature, self.crp_weight = float(temperature), float(crp_weight)
+        self.undefined_penalties = 0  # training batches whose penalty had no value (see applenet_loss)
         self.prompt_learner = APPLeNetPromptLearner(clip_model, classnames, n_ctx, ctx_init)
         self.visual = VisualEncoder(clip_model)
         self.text_encoder = TextEncoder(clip_model)
@@ -135,6 +150,22 @@ class APPLeNetModel(nn.Module):
         """Logits (B, C)."""
         return self.forward_with_context(images)[0]
 
+    def training_loss(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, logits (B, C), terms)`` of a training batch (:func:`applenet_loss`)."""
+        logits, ctx = self.forward_with_context(images)
+        loss, terms = applenet_loss(logits, labels, ctx, self.temperature, self.crp_weight)
+        if not terms["crp_defined"]:
+            self.undefined_penalties += 1
+            (logger.warning if self.undefined_penalties == 1 else logger.debug)(
+                "Context-redundancy penalty undefined for a batch (mean determinant >= 0: its log10 has no value; "
+                "upstream's loss would be NaN): this step trains on the cross-entropy alone (%d such batches so "
+                "far; later ones are logged at debug level).",
+                self.undefined_penalties,
+            )
+        return loss, logits, terms
+
 
 def context_redundancy_penalty(ctx: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, bool]:
     """Upstream's context-redundancy penalty ``log10(-mean_b det(ctx_b ctx_b^T / T^3 - I / T))`` and whether
@@ -155,8 +186,10 @@ def context_redundancy_penalty(ctx: torch.Tensor, temperature: float = 1.0) -> t
 
 def applenet_loss(
     logits: torch.Tensor, labels: torch.Tensor, ctx: torch.Tensor, temperature: float = 1.0, weight: float = CRP_WEIGHT
-) -> tuple[torch.Tensor, bool]:
-    """Cross-entropy plus ``weight`` times :func:`context_redundancy_penalty` (upstream: weight 0.05, T 1), and
-    whether the penalty was defined."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy plus ``weight`` times :func:`context_redundancy_penalty` (upstream: weight 0.05, T 1), and its
+    terms (detached): ``loss_ce``, ``loss_crp`` and ``crp_defined`` (1 where the penalty had a value, else 0)."""
+    ce = F.cross_entropy(logits.float(), labels)
     penalty, defined = context_redundancy_penalty(ctx, temperature)
-    return F.cross_entropy(logits.float(), labels) + weight * penalty, defined
+    terms = {"loss_ce": ce.detach(), "loss_crp": penalty.detach(), "crp_defined": ce.new_tensor(float(defined))}
+    return ce + weight * penalty, terms

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ConfigError
 from models.encoders import TextEncoder, VisualEncoder, freeze
 from models.prompts import ClassPrompts, init_context, meta_net, per_image_logits
 
@@ -81,7 +82,7 @@ class BiMoRSPromptLearner(nn.Module):
     ) -> None:
         super().__init__()
         if not hasattr(clip_model.visual, "conv1") or not hasattr(clip_model.visual, "ln_post"):
-            raise ValueError("BiMoRS needs a ViT backbone (its token sequence); ResNet CLIP backbones have none.")
+            raise ConfigError("BiMoRS needs a ViT backbone (its token sequence); ResNet CLIP backbones have none.")
         vis_width = clip_model.visual.conv1.weight.shape[0]
         ctx_dim = clip_model.ln_final.weight.shape[0]
         ctx, prefix_text = init_context(clip_model, n_ctx, ctx_init)
@@ -112,6 +113,9 @@ class BiMoRSPromptLearner(nn.Module):
 
 class BiMoRSModel(nn.Module):
     """Frozen CLIP + :class:`BiMoRSPromptLearner`; ``forward(images, captions) -> logits (B, C)``."""
+
+    #: the image encoder is CLIP's, frozen and unprompted
+    IMAGE_ENCODER_PROMPTED = False
 
     def __init__(
         self,

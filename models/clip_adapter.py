@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ConfigError
 from models.encoders import VisualEncoder, freeze
-from models.zsclip import template_text_features
+from models.prompts import template_text_features
 
 
 class Adapter(nn.Module):
@@ -28,7 +29,7 @@ class Adapter(nn.Module):
     def __init__(self, dim: int, reduction: int = 4) -> None:
         super().__init__()
         if not 1 <= reduction <= dim:
-            raise ValueError(
+            raise ConfigError(
                 f"CLIP-Adapter reduction {reduction} does not fit the {dim}-d image feature: "
                 f"set TRAINER.CLIP_ADAPTER.REDUCTION between 1 and {dim} (upstream: 4)."
             )
@@ -46,12 +47,15 @@ class Adapter(nn.Module):
 class CLIPAdapterModel(nn.Module):
     """Frozen CLIP, a learned feature adapter and a frozen template classifier: ``forward(images) -> logits (B, C)``."""
 
+    #: the image encoder is CLIP's, frozen and unprompted (the adapter acts on its output)
+    IMAGE_ENCODER_PROMPTED = False
+
     def __init__(
         self, clip_model: nn.Module, classnames: Sequence[str], template: str, reduction: int = 4, ratio: float = 0.2
     ) -> None:
         super().__init__()
         if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"CLIP-Adapter ratio {ratio} is not in [0, 1]: set TRAINER.CLIP_ADAPTER.RATIO (upstream: 0.2).")
+            raise ConfigError(f"CLIP-Adapter ratio {ratio} is not in [0, 1]: set TRAINER.CLIP_ADAPTER.RATIO (upstream: 0.2).")
         freeze(clip_model)
         self.visual = VisualEncoder(clip_model)
         self.logit_scale = clip_model.logit_scale

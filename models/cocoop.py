@@ -48,6 +48,9 @@ class CoCoOpPromptLearner(nn.Module):
 class CoCoOpModel(nn.Module):
     """CLIP with CoCoOp's instance-conditioned prompts: ``forward(images) -> logits (B, C)``."""
 
+    #: the image encoder is CLIP's, frozen and unprompted
+    IMAGE_ENCODER_PROMPTED = False
+
     def __init__(
         self, clip_model: nn.Module, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str = ""
     ) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import ConfigError
 from models.encoders import TextEncoder, VisualEncoder, freeze
 from models.prompts import ClassPrompts, init_context
 
@@ -34,7 +35,7 @@ def class_token_order(n_ctx: int, name_lens: Sequence[int], length: int, positio
     ``front`` gives ``[SOS] name ctx . [EOS]``. The end-of-text position never moves.
     """
     if position not in CLASS_TOKEN_POSITIONS:
-        raise ValueError(
+        raise ConfigError(
             f"CLASS_TOKEN_POSITION {position!r} is not one of {', '.join(CLASS_TOKEN_POSITIONS)}: "
             "set TRAINER.COOP.CLASS_TOKEN_POSITION to one of them."
         )
@@ -91,6 +92,9 @@ class CoOpPromptLearner(nn.Module):
 class CoOpModel(nn.Module):
     """CLIP with CoOp's learned prompts: ``forward(images) -> logits (B, C)``."""
 
+    #: the image encoder is CLIP's, frozen and unprompted
+    IMAGE_ENCODER_PROMPTED = False
+
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], **options) -> None:
         """``options``: those of :class:`CoOpPromptLearner` (n_ctx, ctx_init, csc, class_token_position)."""
         super().__init__()
@@ -106,9 +110,13 @@ class CoOpModel(nn.Module):
         feats = self.text_encoder(prompts, self.prompt_learner.prompts.eot)
         return F.normalize(feats.float(), dim=-1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C)."""
+    def logits(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) of ``images`` (frozen image encoder, no graph) against class text features (C, E)."""
         with torch.no_grad():
             feats, _ = self.visual(images)
         feats = F.normalize(feats.float(), dim=-1)
-        return self.logit_scale.exp().float() * feats @ self.text_features().t()
+        return self.logit_scale.exp().float() * feats @ text_features.t()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C)."""
+        return self.logits(images, self.text_features())

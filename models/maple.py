@@ -9,9 +9,8 @@
   ``compound_prompt_projections[i](compound_prompts_text[i])``.
 
 ``J`` is ``prompt_depth`` (upstream ``PROMPT_DEPTH``, 1 = shallow MaPLe); it is capped at the number of
-layers of the shallower tower. Both towers run CLIP's stock residual blocks
-(:func:`models.encoders.residual_block`) and replace prompt tokens between blocks; CLIP is never edited.
-The text sequence is truncated after the longest end-of-text token (exact under the causal mask).
+layers of the shallower tower. The prompted towers are :class:`models.deep_prompts.DeepPromptModel`'s
+(shared with PromptSRC): CLIP's stock residual blocks with the prompt tokens replaced between blocks.
 
 State-dict keys of ``prompt_learner`` are upstream's (``ctx``, ``proj.*``, ``compound_prompts_text.N``,
 ``compound_prompt_projections.N.*``); upstream checkpoints prefix them with ``prompt_learner.``, which
@@ -25,11 +24,10 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.encoders import TextEncoder, VisualEncoder, freeze, residual_block, tokenize
-from models.prompts import ClassPrompts, bpe_length
+from models.deep_prompts import DeepPromptModel, capped_depth, random_prompts, require_vit, word_context
+from models.prompts import ClassPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -58,43 +56,17 @@ class MaPLePromptLearner(nn.Module):
         prompt_depth: int = 9,
     ) -> None:
         super().__init__()
-        if prompt_depth < 1:
-            raise ValueError(
-                f"MaPLe PROMPT_DEPTH is {prompt_depth}; it must be >= 1 (1 = shallow MaPLe, upstream default 9)."
-            )
         width = clip_model.ln_final.weight.shape[0]
         vis_width = clip_model.visual.conv1.weight.shape[0]
-        text_layers = len(clip_model.transformer.resblocks)
-        vis_layers = len(clip_model.visual.transformer.resblocks)
-        depth = min(prompt_depth, text_layers, vis_layers)
-        if depth < prompt_depth:
-            logger.warning(
-                "MaPLe PROMPT_DEPTH %d exceeds the backbone's %d text / %d vision layers: using %d",
-                prompt_depth, text_layers, vis_layers, depth,
-            )  # fmt: skip
-        dtype = clip_model.token_embedding.weight.dtype
-        ctx_init = ctx_init.replace("_", " ").strip()
-        n_words = bpe_length(ctx_init) if ctx_init else 0
-        if ctx_init and n_ctx <= n_words:
-            with torch.no_grad():
-                emb = clip_model.token_embedding(tokenize([ctx_init]))[0, 1 : 1 + n_words].to(dtype)
-            ctx, fixed = emb[:n_ctx].clone(), emb[n_ctx:].clone()
-            text = ctx_init
-        else:
-            if ctx_init:
-                logger.warning("MaPLe CTX_INIT %r has fewer than N_CTX=%d tokens: random init", ctx_init, n_ctx)
-            ctx = torch.empty(n_ctx, width, dtype=dtype)
-            nn.init.normal_(ctx, std=0.02)
-            fixed = ctx.new_zeros(0, width)
-            text = " ".join(["X"] * n_ctx)
+        n_layers = min(len(clip_model.transformer.resblocks), len(clip_model.visual.transformer.resblocks))
+        depth = capped_depth("TRAINER.MAPLE.PROMPT_DEPTH", prompt_depth, n_layers)
+        ctx, fixed, text = word_context(clip_model, n_ctx, ctx_init, "MaPLe")
         logger.info('MaPLe: initial text "%s", %d learned context tokens, prompt depth %d', text, n_ctx, depth)
         self.n_ctx = n_ctx
         self.ctx = nn.Parameter(ctx)
         self.register_buffer("fixed_ctx", fixed, persistent=False)  # words of CTX_INIT after the learned ones
         self.proj = nn.Linear(width, vis_width)
-        self.compound_prompts_text = nn.ParameterList(
-            [nn.Parameter(nn.init.normal_(torch.empty(n_ctx, width), std=0.02)) for _ in range(depth - 1)]
-        )
+        self.compound_prompts_text = random_prompts(depth - 1, n_ctx, width)
         layer = nn.Linear(width, vis_width)  # upstream clones one layer: every projection starts identical
         self.compound_prompt_projections = nn.ModuleList([copy.deepcopy(layer) for _ in range(depth - 1)])
         self.prompts = ClassPrompts(clip_model, classnames, n_ctx + fixed.shape[0])
@@ -108,58 +80,10 @@ class MaPLePromptLearner(nn.Module):
         return text, deep_text, self.proj(self.ctx), deep_vision
 
 
-class MaPLeModel(nn.Module):
+class MaPLeModel(DeepPromptModel):
     """CLIP with MaPLe's multi-modal prompts: ``forward(images) -> logits (B, C)``."""
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], **options) -> None:
         """``options``: those of :class:`MaPLePromptLearner` (n_ctx, ctx_init, prompt_depth)."""
-        super().__init__()
-        freeze(clip_model)
-        self.visual = VisualEncoder(clip_model)
-        if not self.visual.is_vit:
-            raise ValueError(
-                "MaPLe needs a ViT backbone (its vision prompts are tokens); set MODEL.BACKBONE.NAME ViT-B/16."
-            )
-        self.prompt_learner = MaPLePromptLearner(clip_model, classnames, **options)
-        self.text_encoder = TextEncoder(clip_model)
-        self.logit_scale = clip_model.logit_scale
-
-    def encode_text(
-        self, prompts: torch.Tensor, eot: torch.Tensor, deep: Sequence[torch.Tensor]
-    ) -> torch.Tensor:
-        """Text features (C, E) of prompts (C, L, D); ``deep[i]`` replaces the context before layer i+1."""
-        enc = self.text_encoder
-        n_ctx = self.prompt_learner.n_ctx
-        x = prompts.to(enc.dtype) + enc.positional_embedding[: prompts.shape[1]].to(enc.dtype)
-        for i, block in enumerate(enc.blocks):
-            if 1 <= i <= len(deep):
-                ctx = deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
-                x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx :]], dim=1)
-            x = residual_block(block, x, is_causal=True)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]
-        return enc.ln_final(x) @ enc.text_projection
-
-    def encode_image(
-        self, images: torch.Tensor, shallow: torch.Tensor, deep: Sequence[torch.Tensor]
-    ) -> torch.Tensor:
-        """Image features (B, E) with ``shallow`` (n, Dv) appended after the positional embedding."""
-        vis = self.visual.visual
-        n_ctx = shallow.shape[0]
-        x = self.visual.embed(images)
-        x = torch.cat([x, shallow.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
-        x = vis.ln_pre(x)
-        for i, block in enumerate(vis.transformer.resblocks):
-            if 1 <= i <= len(deep):
-                prompt = deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
-                x = torch.cat([x[:, : x.shape[1] - n_ctx], prompt], dim=1)
-            x = residual_block(block, x)
-        return self.visual.head(x)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C)."""
-        text, deep_text, shallow, deep_vision = self.prompt_learner()
-        text_feats = self.encode_text(text, self.prompt_learner.prompts.eot, deep_text)
-        image_feats = self.encode_image(images, shallow, deep_vision)
-        text_feats = F.normalize(text_feats.float(), dim=-1)
-        image_feats = F.normalize(image_feats.float(), dim=-1)
-        return self.logit_scale.exp().float() * image_feats @ text_feats.t()
+        require_vit(clip_model, "MaPLe")
+        super().__init__(clip_model, MaPLePromptLearner(clip_model, classnames, **options))

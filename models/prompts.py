@@ -29,6 +29,30 @@ RS_ENSEMBLE_TEMPLATES: tuple[str, ...] = (
 )
 
 
+def ensemble_templates(template: str) -> list[str]:
+    """The dataset's ``template`` followed by the remote-sensing ensemble, without repeats."""
+    return list(dict.fromkeys([template, *RS_ENSEMBLE_TEMPLATES]))
+
+
+@torch.no_grad()
+def template_text_features(
+    clip_model: nn.Module, classnames: Sequence[str], templates: Sequence[str], normalize_each: bool = True
+) -> torch.Tensor:
+    """Frozen CLIP's class text features (C, E) for hand-written ``templates`` (``"a photo of a {}."``), fp32.
+
+    The features of the templates are averaged (each normalised first when ``normalize_each``, as zero-shot
+    CLIP's ensemble does; raw, as PromptSRC's does) and the mean is normalised.
+    """
+    encoder = TextEncoder(clip_model)
+    names = [clean_classname(c) for c in classnames]
+    total = 0
+    for template in templates:
+        tokens = tokenize([template.format(name) for name in names]).to(clip_model.token_embedding.weight.device)
+        feats = encoder(clip_model.token_embedding(tokens), eot_positions(tokens)).float()
+        total = total + (F.normalize(feats, dim=-1) if normalize_each else feats)
+    return F.normalize(total / len(templates), dim=-1)
+
+
 def bpe_length(text: str) -> int:
     """Number of CLIP BPE tokens of ``text`` (without start/end tokens)."""
     global _TOKENIZER

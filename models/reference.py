@@ -27,9 +27,10 @@ def stock_text(
     """CLIP's text transformer, block by block, on full-length prompt embeddings (N, 77, D) -> features (N, E).
 
     ``eot`` (N,) are the end-of-text positions. ``deep[i]`` (n_ctx, D) replaces positions ``1..n_ctx`` of every
-    prompt before block ``i + 1`` (MaPLe's deep prompts).
+    prompt before block ``i + 1`` (MaPLe's deep prompts). The input is cast to the model's dtype as
+    ``CLIP.encode_text`` does (half precision after ``clip.model.convert_weights``, i.e. ``PREC fp16``).
     """
-    x = (prompts + clip.positional_embedding).permute(1, 0, 2)
+    x = (prompts.to(clip.dtype) + clip.positional_embedding.to(clip.dtype)).permute(1, 0, 2)
     for i, block in enumerate(clip.transformer.resblocks):
         if 1 <= i <= len(deep):
             x = torch.cat([x[:1], deep[i - 1].unsqueeze(1).expand(-1, x.shape[1], -1), x[1 + n_ctx :]])
@@ -126,13 +127,26 @@ def per_image_context_logits(
 
 
 # ------------------------------------------------------------------------------------------ methods
-def coop_logits(model: nn.Module, clip: CLIP, images: torch.Tensor) -> torch.Tensor:
-    """CoOp (:class:`models.coop.CoOpModel`): upstream's prompt arrangement, 77 tokens, stock encoders."""
+def template_text(clip: CLIP, classnames: Sequence[str], templates: Sequence[str], normalize_each: bool) -> torch.Tensor:
+    """Normalised mean (C, E) over ``templates`` of CLIP's ``encode_text`` features of every class, each template's
+    features normalised first (``normalize_each``, zero-shot CLIP) or raw (PromptSRC)."""
+    feats = [clip.encode_text(_embed(clip, [t.format(name) for name in classnames])[1]) for t in templates]
+    feats = [F.normalize(f, dim=-1) if normalize_each else f for f in feats]
+    return F.normalize(torch.stack(feats).mean(0), dim=-1)
+
+
+def coop_text(model: nn.Module, clip: CLIP) -> torch.Tensor:
+    """CoOp's class text features (C, E): upstream's prompt arrangement, 77 tokens, stock text transformer."""
     learner = model.prompt_learner
     names, n_ctx = learner.prompts.classnames, learner.ctx.shape[-2]
     emb, tokens = placeholder_prompts(clip, names, n_ctx)
     prompts = coop_arrangement(emb, learner.ctx, n_ctx, learner.class_token_position, names)
-    return logits(clip, clip.encode_image(images), stock_text(clip, prompts, tokens.argmax(-1)))
+    return stock_text(clip, prompts, tokens.argmax(-1))
+
+
+def coop_logits(model: nn.Module, clip: CLIP, images: torch.Tensor) -> torch.Tensor:
+    """CoOp (:class:`models.coop.CoOpModel`, also KgCoOp's): :func:`coop_text` against stock image features."""
+    return logits(clip, clip.encode_image(images), coop_text(model, clip))
 
 
 def cocoop_logits(model: nn.Module, clip: CLIP, images: torch.Tensor) -> torch.Tensor:
@@ -154,18 +168,51 @@ def bimors_logits(model: nn.Module, clip: CLIP, images: torch.Tensor, captions: 
     return per_image_context_logits(clip, emb, tokens, feats, ctx)
 
 
+def deep_prompt_features(
+    clip: CLIP, images: torch.Tensor, classnames: Sequence[str], ctx_init: str, ctx: torch.Tensor,
+    deep_text: Sequence[torch.Tensor], shallow: torch.Tensor | None, deep_vision: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image (B, E) and class text (C, E) features of CLIP prompted in both towers, stock blocks, 77 tokens.
+
+    The prompts are ``{ctx_init} {classname}.`` with their first ``n_ctx`` word tokens replaced by ``ctx``;
+    ``deep_text``, ``shallow`` and ``deep_vision`` go where :func:`stock_text` and :func:`stock_vit` put them.
+    """
+    n_ctx = ctx.shape[0]
+    emb, tokens = _embed(clip, [f"{ctx_init} {name}." for name in classnames])
+    prompts = torch.cat([emb[:, :1], ctx.expand(len(emb), -1, -1), emb[:, 1 + n_ctx :]], dim=1)
+    text = stock_text(clip, prompts, tokens.argmax(-1), deep_text, n_ctx=n_ctx)
+    image, _ = stock_vit(clip, images, shallow, deep_vision)
+    return image, text
+
+
 def maple_logits(model: nn.Module, clip: CLIP, images: torch.Tensor, ctx_init: str) -> torch.Tensor:
     """MaPLe (:class:`models.maple.MaPLeModel`) initialised from the words ``ctx_init``: the learned context
     replaces their first ``n_ctx`` tokens; deep prompts replace the prompt tokens of both stock towers."""
     learner = model.prompt_learner
-    n_ctx = learner.n_ctx
-    emb, tokens = _embed(clip, [f"{ctx_init} {name}." for name in learner.prompts.classnames])
-    prompts = torch.cat([emb[:, :1], learner.ctx.expand(len(emb), -1, -1), emb[:, 1 + n_ctx :]], dim=1)
     deep_text = list(learner.compound_prompts_text)
     deep_vision = [proj(p) for proj, p in zip(learner.compound_prompt_projections, deep_text)]
-    text = stock_text(clip, prompts, tokens.argmax(-1), deep_text, n_ctx=n_ctx)
-    image, _ = stock_vit(clip, images, learner.proj(learner.ctx), deep_vision)
+    image, text = deep_prompt_features(clip, images, learner.prompts.classnames, ctx_init, learner.ctx,
+                                       deep_text, learner.proj(learner.ctx), deep_vision)  # fmt: skip
     return logits(clip, image, text)
+
+
+def promptsrc_views(
+    model: nn.Module, clip: CLIP, images: torch.Tensor, ctx_init: str, templates: Sequence[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """PromptSRC (:class:`models.promptsrc.PromptSRCModel`) initialised from ``ctx_init``: its prompted and its
+    frozen branch, each ``{"logits", "text", "image"}`` (features normalised). The frozen text side is the mean
+    of CLIP's raw ``encode_text`` features over ``templates``, the frozen image side CLIP's ``encode_image``."""
+    learner = model.prompt_learner
+    names = learner.prompts.classnames
+    image, text = deep_prompt_features(clip, images, names, ctx_init, learner.ctx, list(learner.text_deep),
+                                       learner.VPT, list(learner.vision_deep))  # fmt: skip
+    frozen_image = clip.encode_image(images).detach()
+    frozen_text = template_text(clip, names, templates, normalize_each=False).detach()
+    views = []
+    for img, txt in ((image, text), (frozen_image, frozen_text)):
+        views.append({"logits": logits(clip, img, txt), "text": F.normalize(txt, dim=-1),
+                      "image": F.normalize(img, dim=-1)})  # fmt: skip
+    return views[0], views[1]
 
 
 # ------------------------------------------------------------------------------------------ APPLeNet
@@ -214,8 +261,7 @@ def clip_adapter_logits(model: nn.Module, clip: CLIP, images: torch.Tensor) -> t
     """CLIP-Adapter (:class:`models.clip_adapter.CLIPAdapterModel`) as upstream computes it: the hand-crafted
     prompts through CLIP's stock ``encode_text`` on every call, the stock image feature blended with its
     adapted copy (``ratio * adapter(f) + (1 - ratio) * f``)."""
-    names = [c.replace("_", " ") for c in model.classnames]
-    tokens = openai_clip.tokenize([model.template.format(name) for name in names]).to(images.device)
+    text = template_text(clip, [c.replace("_", " ") for c in model.classnames], [model.template], normalize_each=True)
     image = clip.encode_image(images)
     image = model.ratio * model.prompt_learner(image) + (1 - model.ratio) * image
-    return logits(clip, image, clip.encode_text(tokens))
+    return logits(clip, image, text)

@@ -26,6 +26,7 @@ import torch
 from clip.model import CLIP
 from torch import nn
 
+from common.errors import ExpectedError
 from common.io import atomic_path, file_digest
 from common.io import download as download_file
 
@@ -35,7 +36,7 @@ TOY_NAME = "toy"
 ACTIVATIONS = ("quick_gelu", "gelu")  # OpenAI's QuickGELU, or the exact GELU of open_clip-trained models
 
 
-class BackboneError(RuntimeError):
+class BackboneError(ExpectedError, RuntimeError):
     """Base class of backbone loading errors."""
 
 

@@ -54,7 +54,7 @@ def _needs_dassl(item: pytest.Item) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if _needs_dassl(item):
+        if _needs_dassl(item) and item.get_closest_marker("cuda") is None:  # CI machines have no GPU
             item.add_marker(pytest.mark.ci_required)
     if config.getoption("--shuffle"):
         random.Random(config.getoption("--test-seed")).shuffle(items)
@@ -106,22 +106,36 @@ def assert_close_fp32(actual, expected, rel: float = 1e-5, what: str = "") -> No
         raise AssertionError(f"{what}: {exc}" if what else str(exc)) from None
 
 
-def small_clip(text_width: int = 128, seed: int = 0):
-    """A small random CLIP (pure PyTorch): image feature 32, ViT width 128 (2 heads), 3 layers per tower, 32 px
-    images, text width ``text_width`` (2 heads), and non-trivial layer norms."""
+def grads(loss, params) -> list:
+    """Gradients of ``loss`` with respect to ``params`` (a list of tensors)."""
     import torch
-    from clip.model import CLIP
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIP(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128, vision_patch_size=16,
-                     context_length=77, vocab_size=49408, transformer_width=text_width, transformer_heads=2,
-                     transformer_layers=3).float().eval()  # fmt: skip
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "ln" in name:
-                    p.add_(0.1 * torch.randn_like(p))
-    return model
+    return list(torch.autograd.grad(loss, list(params)))
+
+
+def assert_same(fast, ref, fast_g, ref_g) -> None:
+    """A fast path and its reference agree in value and in every gradient (:func:`assert_close_fp32`); the
+    reference gradients must not be trivially zero."""
+    assert_close_fp32(fast, ref)
+    assert len(fast_g) == len(ref_g) > 0
+    for a, b in zip(fast_g, ref_g):
+        assert b.abs().max() > 0  # the reference gradient is not trivially zero
+        assert_close_fp32(a, b)
+
+
+def kill_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Simulate a kill: every prompt trainer raises KeyboardInterrupt when epoch ``epoch`` (0-based) starts.
+    ``monkeypatch.undo()`` lets the next run live."""
+    import trainers.base as trainer_base
+
+    original = trainer_base.PromptTrainer.run_epoch
+
+    def dies(self):
+        if self.epoch == epoch:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self)
+
+    monkeypatch.setattr(trainer_base.PromptTrainer, "run_epoch", dies, raising=False)
 
 
 @pytest.fixture(autouse=True)
@@ -138,6 +152,36 @@ def _seed_random_generators(request: pytest.FixtureRequest) -> None:
     torch.manual_seed(seed)
 
 
+@pytest.fixture(scope="module")
+def make_clip():
+    """A small random CLIP with 2 attention heads and 3 layers per tower, non-trivial layer norms (fp32): image
+    feature 32, ViT width 128, text width ``text_width`` (default 128)."""
+    import torch
+    from clip.model import CLIP
+
+    def make(text_width: int = 128) -> CLIP:
+        torch.manual_seed(0)
+        model = CLIP(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128, vision_patch_size=16,
+                     context_length=77, vocab_size=49408, transformer_width=text_width, transformer_heads=2,
+                     transformer_layers=3).float().eval()  # fmt: skip
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "ln" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+        return model
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Three random 32 x 32 images for :func:`make_clip`'s models."""
+    import torch
+
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 32, 32)
+
+
 @pytest.fixture(scope="session")
 def toyrs_root(tmp_path_factory) -> Path:
     """A generated ToyRS dataset (the real `tools.prepare_data` path), shared by the tests of a session."""
@@ -145,6 +189,18 @@ def toyrs_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("data")
     assert prepare_main(["toyrs", "--root", str(root)]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    """A small ToyRS (12 images per class: 6 train / 2 val / 4 test) with a random caption store, so every
+    trainer run on it takes seconds."""
+    from datasets import toyrs
+
+    root = tmp_path_factory.mktemp("toyrs")
+    toyrs.generate(root / "ToyRS" / "images", per_class=12, progress=False)
+    write_random_caption_store(root)
     return root
 
 

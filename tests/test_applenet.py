@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clip.model import CLIP
-from conftest import assert_close_fp32, small_clip
+from conftest import assert_close_fp32
 
+from common.errors import ConfigError
 from models import reference
 from models.applenet import APPLeNetModel, applenet_loss, context_redundancy_penalty
 from models.weights import random_clip
@@ -18,10 +19,15 @@ from models.weights import random_clip
 CLASSES = ["baseball_field", "dense residential area", "harbor", "tennis court", "river"]
 
 
-def _model(n_ctx: int = 4, ctx_init: str = "a photo of a") -> tuple[APPLeNetModel, CLIP]:
+@pytest.fixture
+def make_model(make_clip):
+    return lambda n_ctx=4, ctx_init="a photo of a": _model(make_clip, n_ctx, ctx_init)
+
+
+def _model(make_clip, n_ctx: int, ctx_init: str) -> tuple[APPLeNetModel, CLIP]:
     """A small APPLeNet whose widths all differ (image feature 32, ViT 128, text 96) and whose learner is
     perturbed away from its initialisation (a zero-looking state would hide bugs)."""
-    clip_model = small_clip(text_width=96)
+    clip_model = make_clip(text_width=96)
     model = APPLeNetModel(clip_model, CLASSES, n_ctx=n_ctx, ctx_init=ctx_init)
     with torch.no_grad():
         for p in model.prompt_learner.parameters():
@@ -30,20 +36,21 @@ def _model(n_ctx: int = 4, ctx_init: str = "a photo of a") -> tuple[APPLeNetMode
 
 
 @pytest.mark.parametrize(("n_ctx", "ctx_init"), [(4, "a photo of a"), (2, "")])
-def test_fast_path_equals_upstream_per_image_formulation(n_ctx, ctx_init):
+def test_fast_path_equals_upstream_per_image_formulation(make_model, n_ctx, ctx_init):
     """Logits, shifted context and the gradients of the full loss (cross-entropy + penalty), fp32."""
-    model, clip_model = _model(n_ctx, ctx_init)
+    model, clip_model = make_model(n_ctx, ctx_init)
     images, labels = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 4])
     params = list(model.prompt_learner.parameters())
 
-    fast, ctx = model.forward_with_context(images)
+    loss, fast, terms = model.training_loss(images, labels)
+    _, ctx = model.forward_with_context(images)
     ref, ref_ctx = reference.applenet_logits(model, clip_model, images)
     assert fast.shape == (3, len(CLASSES)) and ctx.shape == (3, n_ctx, 96)
     assert_close_fp32(fast, ref, what="logits")
     assert_close_fp32(ctx, ref_ctx, what="shifted context")
 
-    (loss, defined), (ref_loss, ref_defined) = applenet_loss(fast, labels, ctx), applenet_loss(ref, labels, ref_ctx)
-    assert defined and ref_defined  # the penalty takes part in the gradients compared below
+    ref_loss = F.cross_entropy(ref, labels) + 0.05 * context_redundancy_penalty(ref_ctx)[0]
+    assert terms["crp_defined"] == 1  # the penalty takes part in the gradients compared below
     assert_close_fp32(loss, ref_loss, what="loss")
     names = [n for n, _ in model.prompt_learner.named_parameters()]
     for name, a, b in zip(names, torch.autograd.grad(loss, params), torch.autograd.grad(ref_loss, params)):
@@ -51,8 +58,8 @@ def test_fast_path_equals_upstream_per_image_formulation(n_ctx, ctx_init):
         assert_close_fp32(a, b, what=name)
 
 
-def test_sizes_come_from_the_backbone():
-    model, _ = _model()
+def test_sizes_come_from_the_backbone(make_model):
+    model, _ = make_model()
     learner = model.prompt_learner
     assert len(learner.multi.linear) == 3  # one map per ViT layer
     assert (learner.multi.linear[0].in_features, learner.multi.linear[0].out_features) == (128, 32)  # W -> E
@@ -62,8 +69,8 @@ def test_sizes_come_from_the_backbone():
     assert learner.prompts.seq_len < 20  # the text sequence is truncated (of 77)
 
 
-def test_image_encoder_has_no_graph_and_clip_stays_frozen():
-    model, _ = _model()
+def test_image_encoder_has_no_graph_and_clip_stays_frozen(make_model):
+    model, _ = make_model()
     feats, means = model.encode_images(torch.randn(2, 3, 32, 32))
     assert feats.grad_fn is None and means.grad_fn is None and means.shape == (2, 3, 128)
     assert all(not p.requires_grad for n, p in model.named_parameters() if not n.startswith("prompt_learner."))
@@ -77,8 +84,9 @@ def test_penalty_on_a_hand_computed_example():
     penalty, defined = context_redundancy_penalty(ctx, temperature=1.0)
     assert defined and penalty.item() == pytest.approx(math.log10(1.625), rel=1e-6)
     logits, labels = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]]), torch.tensor([1, 0])
-    loss, _ = applenet_loss(logits, labels, ctx)  # cross-entropy of each row: log(4/3)
+    loss, terms = applenet_loss(logits, labels, ctx)  # cross-entropy of each row: log(4/3)
     assert loss.item() == pytest.approx(math.log(4 / 3) + 0.05 * math.log10(1.625), rel=1e-6)
+    assert terms["loss_ce"].item() == pytest.approx(math.log(4 / 3), rel=1e-6) and terms["crp_defined"] == 1
     loss.backward()
     assert ctx.grad.abs().sum() > 0
 
@@ -100,8 +108,8 @@ def test_undefined_penalty_leaves_the_cross_entropy():
     ctx = torch.zeros(2, 4, 8, requires_grad=True)  # det(-I) = 1 > 0 for 4 context vectors
     logits = torch.randn(2, 3, requires_grad=True)
     labels = torch.tensor([0, 2])
-    loss, defined = applenet_loss(logits, labels, ctx)
-    assert not defined and torch.isfinite(loss)
+    loss, terms = applenet_loss(logits, labels, ctx)
+    assert terms["crp_defined"] == 0 and terms["loss_crp"] == 0 and torch.isfinite(loss)
     assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-7)
 
 
@@ -126,6 +134,6 @@ def test_resnet_backbone_is_refused_in_one_line():
     torch.manual_seed(0)
     rn = CLIP(embed_dim=32, image_resolution=32, vision_layers=(1, 1, 1, 1), vision_width=64, vision_patch_size=None,
               context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
-    with pytest.raises(ValueError, match=r"APPLeNet needs a ViT backbone.*MODEL\.BACKBONE\.NAME") as err:
+    with pytest.raises(ConfigError, match=r"APPLeNet needs a ViT backbone.*MODEL\.BACKBONE\.NAME") as err:
         APPLeNetModel(rn, CLASSES)
     assert "\n" not in str(err.value)

@@ -256,7 +256,7 @@ def test_random_clip_is_seeded_and_leaves_the_global_generator_alone():
 def assert_same_values_and_grads(out, ref, inp, inp_ref) -> None:
     """``out`` equals ``ref`` and so do the gradients of a (seeded) random projection w.r.t. their inputs."""
     assert_close_fp32(out, ref)
-    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0)).to(ref.device)
     (ref * weights).sum().backward()
     (out * weights).sum().backward()
     assert inp_ref.grad.abs().max() > 0  # the reference gradient is not trivially zero

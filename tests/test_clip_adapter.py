@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_fp32, small_clip
+from conftest import assert_close_fp32
 
+from common.errors import ConfigError
 from models import reference
 from models.clip_adapter import CLIPAdapterModel
 from models.weights import random_clip
@@ -16,9 +17,9 @@ CLASSES = ["baseball_field", "dense residential area", "harbor", "tennis court",
 TEMPLATE = "a satellite photo of a {}."
 
 
-def test_fast_path_equals_upstream_formulation():
+def test_fast_path_equals_upstream_formulation(make_clip):
     """Logits and adapter gradients against stock encode_image/encode_text recomputed per call (fp32)."""
-    clip_model = small_clip(text_width=96)
+    clip_model = make_clip(text_width=96)
     model = CLIPAdapterModel(clip_model, CLASSES, TEMPLATE)
     images, labels = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 4])
     params = list(model.prompt_learner.parameters())
@@ -33,9 +34,9 @@ def test_fast_path_equals_upstream_formulation():
         assert_close_fp32(a, b, what="adapter gradient")
 
 
-def test_ratio_blends_the_adapted_feature():
+def test_ratio_blends_the_adapted_feature(make_clip):
     """Ratio 0 is zero-shot CLIP with the same template; ratio 1 classifies the adapter's output alone."""
-    clip_model = small_clip()
+    clip_model = make_clip()
     images = torch.randn(2, 3, 32, 32)
     zero_shot = ZeroshotModel(clip_model, CLASSES, [TEMPLATE])
     with torch.no_grad():
@@ -61,6 +62,6 @@ def test_learnable_parameters_at_vit_b16_sizes():
     ({"ratio": 1.5}, r"ratio 1\.5 is not in \[0, 1\].*TRAINER\.CLIP_ADAPTER\.RATIO"),
     ({"reduction": 0}, r"reduction 0 does not fit the 32-d image feature.*TRAINER\.CLIP_ADAPTER\.REDUCTION"),
 ])  # fmt: skip
-def test_bad_settings_are_named(options, message):
-    with pytest.raises(ValueError, match=message):
-        CLIPAdapterModel(small_clip(), CLASSES, TEMPLATE, **options)
+def test_bad_settings_are_named(make_clip, options, message):
+    with pytest.raises(ConfigError, match=message):
+        CLIPAdapterModel(make_clip(), CLASSES, TEMPLATE, **options)

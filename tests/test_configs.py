@@ -30,6 +30,10 @@ BACKBONES = {"vit_b16": "ViT-B/16", "vit_b32": "ViT-B/32", "vit_l14": "ViT-L/14"
 ALLOWED_MISMATCHES = {
     # MaPLe's cross-dataset config is named ep5 but trains 2 epochs (upstream multimodal-prompt-learning).
     ("MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml", "ep5"): "upstream MAX_EPOCH is 2",
+    # PromptSRC's names keep MaPLe's c2 (muzairkhattak/PromptSRC); its contexts are N_CTX_TEXT 4 + N_CTX_VISION 4.
+    ("PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml", "c2"): "no N_CTX key: 4 + 4 tokens",
+    ("PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml", "c2"): "no N_CTX key: 4 + 4 tokens",
+    ("PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml", "c2"): "no N_CTX key: 4 + 4 tokens",
 }
 
 
@@ -97,7 +101,9 @@ def test_there_are_configs_for_every_baseline():
     names = {p.relative_to(CONFIG_DIR).as_posix() for p in CONFIGS}
     for required in ("CoOp/vit_b16_ep50_ctxv1.yaml", "CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml",
                      "MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml", "MaPLe/vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml",
-                     "ZeroshotCLIP/vit_b16.yaml"):  # fmt: skip
+                     "ZeroshotCLIP/vit_b16.yaml", "KgCoOp/vit_b16_ep100_ctxv1.yaml",
+                     "PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml",
+                     "PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml"):  # fmt: skip
         assert required in names
 
 

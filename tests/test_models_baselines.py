@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clip.model import CLIP
-from conftest import assert_close_fp32, small_clip
+from conftest import assert_close_fp32, assert_same, grads
 
 from models import reference
 from models.cocoop import CoCoOpModel
@@ -22,38 +22,14 @@ from models.maple import MaPLeModel, upstream_prompt_learner_state
 CLASSNAMES = ["baseball_field", "dense residential area", "harbor", "overpass", "storage tanks"]
 
 
-@pytest.fixture(scope="module")
-def make_clip():
-    """A small random CLIP with 2 attention heads and 3 layers per tower, non-trivial layer norms."""
-    return small_clip
-
-
-@pytest.fixture(scope="module")
-def images():
-    torch.manual_seed(1)
-    return torch.randn(3, 3, 32, 32)
-
-
 # --------------------------------------------------------------------------------------------- helpers
 def names() -> list[str]:
     return [c.replace("_", " ") for c in CLASSNAMES]
 
 
-def grads(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(loss, params))
-
-
 def loss_of(logits: torch.Tensor) -> torch.Tensor:
     labels = torch.arange(logits.shape[0]) % logits.shape[1]
     return F.cross_entropy(logits, labels)
-
-
-def assert_same(fast: torch.Tensor, ref: torch.Tensor, fast_g, ref_g) -> None:
-    assert_close_fp32(fast, ref)
-    assert len(fast_g) == len(ref_g) > 0
-    for a, b in zip(fast_g, ref_g):
-        assert b.abs().max() > 0  # the reference gradient is not trivially zero
-        assert_close_fp32(a, b)
 
 
 # --------------------------------------------------------------------------------------------- CoOp

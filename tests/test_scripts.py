@@ -30,6 +30,8 @@ WRAPPERS = {
     "coop": ("CoOp", "vit_b16_ep50_ctxv1", "vit_b16_ep50_ctxv1"),
     "cocoop": ("CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1", "vit_b16_c4_ep10_batch1_ctxv1"),
     "maple": ("MaPLe", "vit_b16_c2_ep5_batch4_2ctx", "vit_b16_c2_ep5_batch4_2ctx_cross_datasets"),
+    "kgcoop": ("KgCoOp", "vit_b16_ep100_ctxv1", "vit_b16_ep100_ctxv1"),
+    "promptsrc": ("PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", "vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets"),
     "applenet": ("APPLeNet", "vit_b16_c4", "vit_b16_c4"),
     "clip_adapter": ("CLIP_Adapter", "vit_b16", "vit_b16"),
 }

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
-from conftest import HAVE_DASSL, REPO_ROOT, requires_dassl, write_random_caption_store
+from conftest import HAVE_DASSL, REPO_ROOT, kill_in_epoch, requires_dassl, write_random_caption_store
 
 pytestmark = [requires_dassl]
 if HAVE_DASSL:
@@ -21,7 +22,7 @@ FAST = ["MODEL.BACKBONE.NAME", "toy", "DATALOADER.NUM_WORKERS", "0", "DATALOADER
 TOY_CAPTIONS = ["TRAINER.BIMORS.CAPTIONER", "toy-blip2", "TRAINER.BIMORS.CAPTION_ENCODER", "toy-bert"]
 
 
-def _run(root, out, trainer, config, *extra, eval_only=False, model_dir=None, epoch=None):
+def _run(root, out, trainer, config, *extra, eval_only=False, model_dir=None, epoch=None, code=0):
     argv = ["--root", str(root), "--seed", "1", "--trainer", trainer, "--dataset-config-file", TOYRS_CFG,
             "--output-dir", str(out)]
     if config:
@@ -29,8 +30,15 @@ def _run(root, out, trainer, config, *extra, eval_only=False, model_dir=None, ep
     if eval_only:
         argv += ["--eval-only"] + (["--model-dir", str(model_dir)] if model_dir else [])
         argv += ["--load-epoch", str(epoch)] if epoch else []
-    assert train.main(argv + [*FAST, *extra]) == 0
-    return json.loads((out / "results.json").read_text())
+    assert train.main(argv + [*FAST, *extra]) == code
+    return json.loads((out / "results.json").read_text()) if code == 0 else None
+
+
+def _error_line(capsys) -> str:
+    """What train.main wrote to stderr: one ``error:`` line first (its fix may follow on the next line)."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("error: ") == 1, err
+    return err
 
 
 def test_zeroshot_writes_log_and_results(toyrs_root, tmp_path):
@@ -75,28 +83,30 @@ def test_eval_only_reload_reproduces_results(bimors_run, toyrs_root, tmp_path):
     assert again["epoch"] == 3
 
 
-def test_eval_only_without_checkpoint_names_folder(toyrs_root, tmp_path):
+def test_eval_only_without_checkpoint_names_folder(toyrs_root, tmp_path, capsys):
+    write_random_caption_store(toyrs_root)  # (this test must not depend on another one having written it)
     (tmp_path / "empty" / "prompt_learner").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="model.pth.tar-7.*prompt_learner"):
-        _run(toyrs_root, tmp_path / "eval", "BiMoRS", BIMORS_CFG, *TOY_CAPTIONS, eval_only=True,
-             model_dir=tmp_path / "empty", epoch=7)
+    _run(toyrs_root, tmp_path / "eval", "BiMoRS", BIMORS_CFG, *TOY_CAPTIONS, eval_only=True,
+         model_dir=tmp_path / "empty", epoch=7, code=2)
+    assert re.search("model.pth.tar-7.*prompt_learner", _error_line(capsys))
 
 
-def test_caption_dimension_mismatch_with_checkpoint(bimors_run, toyrs_root, tmp_path):
+def test_caption_dimension_mismatch_with_checkpoint(bimors_run, toyrs_root, tmp_path, capsys):
     out, _ = bimors_run
     root = tmp_path / "data"
     shutil.copytree(toyrs_root / "ToyRS", root / "ToyRS", ignore=shutil.ignore_patterns("captions"))
     write_random_caption_store(root, dim=16)
-    with pytest.raises(ValueError, match="24-d caption vectors.*16-d"):
-        _run(root, tmp_path / "eval", "BiMoRS", BIMORS_CFG, "DATASET.SUBSAMPLE_CLASSES", "base", *TOY_CAPTIONS,
-             eval_only=True, model_dir=out, epoch=3)
+    _run(root, tmp_path / "eval", "BiMoRS", BIMORS_CFG, "DATASET.SUBSAMPLE_CLASSES", "base", *TOY_CAPTIONS,
+         eval_only=True, model_dir=out, epoch=3, code=2)
+    assert re.search("24-d caption vectors.*16-d", _error_line(capsys))
 
 
-def test_missing_captions_error_names_command(toyrs_root, tmp_path):
+def test_missing_captions_error_names_command(toyrs_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(toyrs_root / "ToyRS", root / "ToyRS", ignore=shutil.ignore_patterns("captions"))
-    with pytest.raises(ValueError, match="tools.captions"):
-        _run(root, tmp_path / "out", "BiMoRS", BIMORS_CFG, *TOY_CAPTIONS)
+    _run(root, tmp_path / "out", "BiMoRS", BIMORS_CFG, *TOY_CAPTIONS, code=2)
+    err = _error_line(capsys)
+    assert "no caption vectors for ToyRS" in err and "python -m tools.captions ToyRS" in err
 
 
 def test_resume_continues_exactly(toyrs_root, tmp_path, monkeypatch):
@@ -106,14 +116,7 @@ def test_resume_continues_exactly(toyrs_root, tmp_path, monkeypatch):
     full = tmp_path / "full"
     _run(toyrs_root, full, "BiMoRS", BIMORS_CFG, *args)
 
-    original = trainer_base.PromptTrainer.run_epoch
-
-    def dies_in_epoch_two(self):
-        if self.epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self)
-
-    monkeypatch.setattr(trainer_base.PromptTrainer, "run_epoch", dies_in_epoch_two, raising=False)
+    kill_in_epoch(monkeypatch, 1)
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
         _run(toyrs_root, part, "BiMoRS", BIMORS_CFG, *args)

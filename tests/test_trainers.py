@@ -7,10 +7,11 @@ and gets a caption store of random vectors (named after the toy captioner and en
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from conftest import HAVE_DASSL, REPO_ROOT, requires_dassl, write_random_caption_store
+from conftest import HAVE_DASSL, REPO_ROOT, requires_dassl
 
 pytestmark = [requires_dassl]
 if HAVE_DASSL:
@@ -19,7 +20,6 @@ if HAVE_DASSL:
     import datasets.remote_sensing  # noqa: F401  (registers the datasets)
     import train
     import trainers  # noqa: F401  (registers the trainers)
-    from datasets import toyrs
     from trainers.base import PromptTrainer
 
 TOYRS_CFG = str(REPO_ROOT / "configs/datasets/toyrs.yaml")
@@ -44,15 +44,6 @@ def _registered(learns: bool | None = None) -> list:
 TRAINERS = _registered()
 LEARNING = _registered(learns=True)  # trainers with a prompt learner
 ZERO_SHOT = _registered(learns=False)
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    """A small ToyRS (12 images per class: 6 train / 2 val / 4 test), so every run here takes seconds."""
-    root = tmp_path_factory.mktemp("toyrs")
-    toyrs.generate(root / "ToyRS" / "images", per_class=12, progress=False)
-    write_random_caption_store(root)
-    return root
 
 
 def config_file(trainer: str) -> str | None:
@@ -131,6 +122,8 @@ def test_eval_forward_shapes(name, toy_root, tmp_path):
     logits = trainer.model_inference(images, **extras)
     assert logits.shape == (images.shape[0], 4) and logits.dtype == torch.float32  # ToyRS base half: 4 classes
     assert torch.isfinite(logits).all()
+    # whether cached image features could stand in for the image encoder: every model says so
+    assert isinstance(type(trainer.model).IMAGE_ENCODER_PROMPTED, bool)
 
 
 @pytest.mark.parametrize("name", LEARNING)
@@ -170,17 +163,31 @@ def test_train_one_epoch_then_eval_only_reproduces_results(name, toy_root, tmp_p
 
 
 # ------------------------------------------------------------------------------------------ upstream checkpoints
+def _upstream_key(name: str, key: str) -> str:
+    """Where the upstream project saves our ``prompt_learner`` key ``key``."""
+    if name == "MaPLe":  # upstream registers the whole model: prompt_learner.* plus the frozen CLIP weights
+        return f"prompt_learner.{key}"
+    if name == "PromptSRC":  # the whole model, with the vision and deep prompts inside the encoders' blocks
+        tower, _, index = key.partition("_deep.")
+        if index:
+            encoder = "text_encoder" if tower == "text" else "image_encoder"
+            return f"{encoder}.transformer.resblocks.{int(index) + 1}.VPT_shallow"
+        return "image_encoder.VPT" if key == "VPT" else f"prompt_learner.{key}"
+    return key
+
+
 def _upstream_state(name: str, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict laid out as the upstream project saves it (class-dependent buffers included)."""
     junk = {"token_prefix": torch.zeros(100, 1, 64), "token_suffix": torch.zeros(100, 60, 64)}
-    state = {k: torch.randn_like(v) for k, v in ours.items()} | junk
-    if name == "MaPLe":  # upstream registers the whole model: prompt_learner.* plus the frozen CLIP weights
-        state = {f"prompt_learner.{k}": v for k, v in state.items()}
+    state = {_upstream_key(name, k): v for k, v in ({k: torch.randn_like(v) for k, v in ours.items()} | junk).items()}
+    if name in ("MaPLe", "PromptSRC"):  # frozen CLIP weights of the whole model
         state |= {"image_encoder.conv1.weight": torch.zeros(1), "logit_scale": torch.zeros(())}
+    if name == "KgCoOp":  # upstream's prompt learner also holds parameters it never trains
+        state |= {"bias_vectors": torch.zeros(1, 512), "meta_net.linear1.weight": torch.zeros(512, 512)}
     return state
 
 
-@pytest.mark.parametrize("name", ["CoOp", "CoCoOp", "MaPLe", "APPLeNet", "CLIP_Adapter"])
+@pytest.mark.parametrize("name", ["CoOp", "CoCoOp", "MaPLe", "KgCoOp", "PromptSRC", "APPLeNet", "CLIP_Adapter"])
 def test_upstream_checkpoint_layout_loads(name, toy_root, tmp_path):
     trainer = build(toy_root, tmp_path / "out", name)
     ours = trainer.model.prompt_learner.state_dict()
@@ -190,9 +197,8 @@ def test_upstream_checkpoint_layout_loads(name, toy_root, tmp_path):
     torch.save({"state_dict": upstream, "epoch": 5}, folder / "model.pth.tar-5")
     trainer.load_model(str(tmp_path / "released"), epoch=5)
     loaded = trainer.model.prompt_learner.state_dict()
-    prefix = "prompt_learner." if name == "MaPLe" else ""
     for key in ours:
-        assert torch.equal(loaded[key], upstream[prefix + key]), key
+        assert torch.equal(loaded[key], upstream[_upstream_key(name, key)]), key
 
 
 # ------------------------------------------------------------------------------------------ method-specific losses
@@ -202,45 +208,54 @@ def test_applenet_loss_reads_the_config(toy_root, tmp_path):
 
     trainer = build(toy_root, tmp_path, "APPLeNet", "LOSS.CRP_WEIGHT", "0.5", "LOSS.T", "1.5")
     images, labels, extras = first_batch(trainer, "train")
-    loss, logits = trainer.compute_loss(images, labels, extras)
+    loss, logits, terms = trainer.compute_loss(images, labels, extras)
     expected_logits, ctx = trainer.model.forward_with_context(images)
     penalty, defined = context_redundancy_penalty(ctx, 1.5)
-    assert defined and torch.equal(logits, expected_logits)
+    assert defined and torch.equal(logits, expected_logits) and set(terms) == {"loss_ce", "loss_crp", "crp_defined"}
     expected = torch.nn.functional.cross_entropy(logits, labels) + 0.5 * penalty
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms["loss_crp"].item() == pytest.approx(penalty.item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bad input
-def test_unknown_trainer_lists_the_names(toy_root, tmp_path):
+def error_line(capsys) -> str:
+    """The ``error:`` line train.main wrote to stderr (the first, and the only one)."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("error: ") == 1, err
+    return err.splitlines()[0]
+
+
+def test_unknown_trainer_lists_the_names(toy_root, tmp_path, capsys):
     args = argv(toy_root, tmp_path, "CoOp")
     args[args.index("CoOp")] = "CoOpp"
-    with pytest.raises(ValueError) as err:
-        train.main(args)
-    assert "CoOpp" in str(err.value) and all(n in str(err.value) for n in ("CoOp", "CoCoOp", "MaPLe"))
+    assert train.main(args) == 2
+    err = error_line(capsys)
+    assert "CoOpp" in err and all(n in err for n in ("CoOp", "CoCoOp", "MaPLe"))
 
 
-def test_unknown_config_key_names_the_file(toy_root, tmp_path):
+def test_unknown_config_key_names_the_file(toy_root, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("TRAINER:\n  COOP:\n    N_CTXX: 4\n")
     args = argv(toy_root, tmp_path / "out", "CoOp")
     args[args.index("--config-file") + 1] = str(bad)
-    with pytest.raises(SystemExit) as err:
-        train.main(args)
-    assert str(bad) in str(err.value) and "N_CTXX" in str(err.value)
+    assert train.main(args) == 2
+    err = error_line(capsys)
+    assert str(bad) in err and "N_CTXX" in err
 
 
-def test_eval_only_without_checkpoint_names_folder_and_file(toy_root, tmp_path):
+def test_eval_only_without_checkpoint_names_folder_and_file(toy_root, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError) as err:
-        train.main(argv(toy_root, tmp_path / "out", "CoCoOp", eval_only=True, model_dir=tmp_path / "empty", epoch=3))
-    assert str(tmp_path / "empty" / "prompt_learner") in str(err.value) and "model.pth.tar-3" in str(err.value)
+    args = argv(toy_root, tmp_path / "out", "CoCoOp", eval_only=True, model_dir=tmp_path / "empty", epoch=3)
+    assert train.main(args) == 2
+    err = error_line(capsys)
+    assert str(tmp_path / "empty" / "prompt_learner") in err and "model.pth.tar-3" in err
 
 
-def test_class_count_mismatch_is_a_clear_error(toy_root, tmp_path):
+def test_class_count_mismatch_is_a_clear_error(toy_root, tmp_path, capsys):
     """Class-specific CoOp context trained on the 8 ToyRS classes cannot be evaluated on the 4 base classes."""
     trainer = build(toy_root, tmp_path / "train", "CoOp", "TRAINER.COOP.CSC", "True")
     assert trainer.model.prompt_learner.ctx.shape[0] == 8
     trainer.save_model(0, str(tmp_path / "train"))
-    with pytest.raises(ValueError, match=r"'ctx' has shape \(8, 16, 64\).*\(4, 16, 64\).*class count"):
-        train.main(argv(toy_root, tmp_path / "eval", "CoOp", "TRAINER.COOP.CSC", "True",
-                        "DATASET.SUBSAMPLE_CLASSES", "base", eval_only=True, model_dir=tmp_path / "train", epoch=1))
+    assert train.main(argv(toy_root, tmp_path / "eval", "CoOp", "TRAINER.COOP.CSC", "True",
+                           "DATASET.SUBSAMPLE_CLASSES", "base", eval_only=True, model_dir=tmp_path / "train", epoch=1)) == 2
+    assert re.search(r"'ctx' has shape \(8, 16, 64\).*\(4, 16, 64\).*class count", error_line(capsys))

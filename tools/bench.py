@@ -45,6 +45,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from common.io import write_json_atomic
+from common.precision import AUTOCAST_DTYPES
+from common.precision import autocast as precision_autocast
 from models import reference
 from models.weights import BACKBONES, random_clip
 
@@ -362,13 +364,7 @@ def run_case(
     labels = torch.randint(0, n_cls, (batch,), generator=gen).to(device)
     extras = {k: v.to(device) for k, v in case.extras(batch).items()}
     params = [p for p in model.prompt_learner.parameters() if p.requires_grad]
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if prec == "bf16"
-        else torch.autocast(device.type, dtype=torch.float16)
-        if prec == "amp"
-        else contextlib.nullcontext()
-    )
+    autocast = precision_autocast(device.type, prec)
     with torch.no_grad():
         diff = (model(images, **extras).float() - case.reference(images, **extras).float()).abs().max().item()
     seq_len = int(model.prompt_learner.prompts.seq_len)
@@ -377,13 +373,19 @@ def run_case(
     results = []
     for formulation, forward in (("ours", model.forward), ("reference", case.reference)):
         optimizer = torch.optim.SGD(params, lr=1e-6)
+        scaler = torch.amp.GradScaler(device.type) if prec == "amp" else None  # as the trainers step under amp
 
-        def train_step(forward=forward, optimizer=optimizer):
+        def train_step(forward=forward, optimizer=optimizer, scaler=scaler):
             with autocast:
                 loss = F.cross_entropy(forward(images, **extras).float(), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
 
         def eval_batch(forward=forward):
             with torch.no_grad(), autocast:
@@ -517,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
     classnames = bench_classnames(args.dataset_classes)
-    peak_dtype = torch.bfloat16 if args.prec == "bf16" else torch.float16 if args.prec == "amp" else torch.float32
+    peak_dtype = AUTOCAST_DTYPES.get(args.prec, torch.float32)
     probe = MatmulProbe(device, peak_dtype)
     logger.info("Matrix multiply (%s): best size %d, %.1f GFLOP/s", peak_dtype, probe.size, probe.scan_best / 1e9)
     results, diffs = [], {}

@@ -13,6 +13,9 @@ Re-running after a kill loses nothing and redoes nothing: captions are appended 
 batch, and only images without a caption are captioned. ``--shard i/n`` (0 <= i < n) captions one
 n-th of the images into its own log; the same command without ``--shard`` then merges the shard logs
 and encodes. Unreadable images are recorded, reported and retried on the next run; they never stop it.
+
+On a read-only data root the store goes to the user cache (``$BIMORS_CACHE``, see ``datasets/storage.py``),
+where train.py looks for it too; a complete store already in the read-only data root is used as it is.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from datasets import storage
 from datasets.captions import (
     DEFAULT_CAPTIONER,
     DEFAULT_ENCODER,
@@ -48,6 +52,7 @@ from datasets.captions import (
     captions_command,
     check_settings,
     feature_settings,
+    find_store_folder,
     is_local_model,
     read_caption_features,
     read_caption_log,
@@ -413,11 +418,12 @@ def show(args: argparse.Namespace) -> list[str]:
     """Lines for ``--show N``: the store's status for the subset, then N sample captions (path TAB caption)."""
     spec = resolve_dataset(args.dataset, args.root)
     relpaths = select_relpaths(spec, args.subset, args.shots, args.seeds)
-    log_path, features_path = store_paths(spec.dataset_dir, args.captioner, args.encoder)
+    folder = find_store_folder(spec.dataset_dir, args.captioner, args.encoder)
+    log_path, features_path = store_paths(spec.dataset_dir, args.captioner, args.encoder, folder)
     log = read_caption_log(log_path)
     vectors = len(read_caption_features(features_path)) if features_path.exists() else 0
     lines = [
-        f"{spec.name}: {sum(p in log.captions for p in relpaths)} of {len(relpaths)} images of the "
+        f"{spec.label}: {sum(p in log.captions for p in relpaths)} of {len(relpaths)} images of the "
         f"'{args.subset}' subset captioned, {sum(p in log.failures for p in relpaths)} unreadable, "
         f"{vectors} caption vectors ({log_path.parent})"
     ]
@@ -430,9 +436,20 @@ def run(args: argparse.Namespace) -> CaptionFeatures | None:
     relpaths = select_relpaths(spec, args.subset, args.shots, args.seeds)
     if torch.device(args.device).type == "cpu" and args.captioner in TOY_MODELS:
         torch.set_num_threads(1)  # tiny models: extra threads only contend (several times slower on busy CPUs)
-    log_path, features_path = store_paths(spec.dataset_dir, args.captioner, args.encoder)
     settings = caption_settings(args.captioner, args.dtype)
     vsettings = vector_settings(settings, args.encoder)
+    folder = find_store_folder(spec.dataset_dir, args.captioner, args.encoder)
+    if not storage.can_write(folder):
+        features_path = store_paths(spec.dataset_dir, args.captioner, args.encoder, folder)[1]
+        if features_path.exists():
+            store = read_caption_features(features_path)
+            check_settings(features_path, feature_settings(store.metadata), vsettings)
+            if all(p in store for p in relpaths):
+                logger.info("%s (read-only) holds the captions of all %d images: nothing to do", features_path,
+                            len(relpaths))
+                return store
+        folder = storage.writable_folder(folder, "caption stores")
+    log_path, features_path = store_paths(spec.dataset_dir, args.captioner, args.encoder, folder)
     command = captions_command(args.dataset, args.root, args.captioner, args.encoder, args.subset)
 
     if features_path.exists():  # refuse a store made with other settings before any work
@@ -461,7 +478,7 @@ def run(args: argparse.Namespace) -> CaptionFeatures | None:
         merge_shards(writer, settings)
         todo = [p for p in relpaths if p not in writer.log.captions]
         logger.info("%s: %d images in the '%s' subset, %d already captioned, %d to caption",
-                    spec.name, len(relpaths), args.subset, len(relpaths) - len(todo), len(todo))
+                    spec.label, len(relpaths), args.subset, len(relpaths) - len(todo), len(todo))
         if todo:
             captioner = load_captioner(args.captioner, args.device, args.dtype)
             caption_images(captioner, spec.image_dir, todo, writer, args.batch_size, args.workers)

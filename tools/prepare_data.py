@@ -8,8 +8,10 @@ each skipped when its result is already there: fetch the official split file (HT
 fetch the images (Google Drive via gdown, or HTTP; md5-checked; written to ``<file>.part`` and renamed
 only when complete, so an interrupted download resumes and never looks complete); extract every archive
 in ``<Dir>/downloads/``; arrange the class folders (or, for flat archives, the split file's images) into
-``images/``; check that every split image exists (and with ``--verify`` that every image decodes).
-Datasets without a direct download get exact instructions (exit code 2) and are checked on the next run.
+``images/``; check that every split image exists. ``--verify`` also decodes every image and, when any is
+missing or damaged, rebuilds ``images/`` from the download (archives extracted again, ToyRS generated again)
+and checks it again. Datasets without a direct download get exact instructions (exit code 2) and are checked
+on the next run.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from datasets.catalog import (
     config_files,
     resolve_dataset,
 )
-from datasets.splits import Splits, is_image_file, load_splits, read_split_file
+from datasets.splits import VERIFY_DOES, Splits, image_decodes, is_image_file, load_splits, read_split_file
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +271,7 @@ def arrange_images(spec: DatasetSpec, search_dir: Path, splits: Splits | None = 
     elif spec.classnames:
         classes = list(spec.classnames)
     else:
-        raise DatasetError(f"Cannot arrange {spec.name}: neither a split file nor a class list is known.")
+        raise DatasetError(f"Cannot arrange {spec.label}: neither a split file nor a class list is known.")
     partial = spec.image_dir.with_name(spec.image_dir.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -302,11 +304,11 @@ def arrange_images(spec: DatasetSpec, search_dir: Path, splits: Splits | None = 
     else:
         absent = [c for c in classes if c not in class_dirs]
         raise DatasetError(
-            f"Found {len(class_dirs)} of the {len(classes)} class folders of {spec.name} under {search_dir}; "
+            f"Found {len(class_dirs)} of the {len(classes)} class folders of {spec.label} under {search_dir}; "
             f"missing: {', '.join(absent[:_SHOW])}{', ...' if len(absent) > _SHOW else ''}. Put the complete "
             "extracted dataset (or its archive) there and rerun the command."
         )
-    for src, dst in tqdm(jobs, desc=f"arrange {spec.name}", unit="img"):
+    for src, dst in tqdm(jobs, desc=f"arrange {spec.label}", unit="img"):
         _place(src, dst)
     os.replace(partial, spec.image_dir)
     logger.info("Arranged %d images in %s", len(jobs), spec.image_dir)
@@ -319,7 +321,7 @@ def manual_instructions(spec: DatasetSpec) -> str:
     downloads = spec.dataset_dir / DOWNLOADS_DIR
     if spec.info is None:
         return (
-            f"{spec.name}: put your images in {spec.image_dir}/<class name>/<image file> (one folder per class), "
+            f"{spec.label}: put your images in {spec.image_dir}/<class name>/<image file> (one folder per class), "
             f"then run again:\n  {spec.prepare_command}"
         )
     what = spec.info.images_source.removeprefix("manual:")
@@ -376,42 +378,79 @@ def fetch_images(spec: DatasetSpec, allow_mismatch: bool = False) -> None:
 
 
 def verify_images(image_dir: Path, relpaths: Iterable[str]) -> list[str]:
-    """Decode every image; return the relpaths that fail."""
-    from PIL import Image
+    """Decode every image; return the relpaths that are missing or fail."""
+    return [rel for rel in tqdm(list(relpaths), desc="verify", unit="img") if not image_decodes(image_dir / rel)]
 
-    bad = []
-    for rel in tqdm(list(relpaths), desc="verify", unit="img"):
-        try:
-            with Image.open(image_dir / rel) as img:
-                img.load()
-        except Exception:  # PIL raises many types for broken files
-            bad.append(rel)
-    return bad
+
+def rebuild_images(spec: DatasetSpec, allow_mismatch: bool = False) -> None:
+    """Build ``spec.image_dir`` again from the download: archives are extracted afresh (the arranged images are
+    hard links to the extracted files, so a damaged image is damaged there too) and ToyRS is generated again.
+
+    The old folder is kept aside until the new one is complete, and put back when rebuilding fails.
+    """
+    aside = spec.image_dir.with_name(spec.image_dir.name + ".broken")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(spec.image_dir, aside)
+    try:
+        downloads = spec.dataset_dir / DOWNLOADS_DIR
+        for extracted in sorted(downloads.glob("*.extracted")) if downloads.is_dir() else []:
+            if extracted.with_name(extracted.name.removesuffix(".extracted")).is_file():
+                shutil.rmtree(extracted)
+        fetch_images(spec, allow_mismatch)
+    except BaseException:
+        if not spec.image_dir.exists():
+            os.replace(aside, spec.image_dir)
+        raise
+    shutil.rmtree(aside)
+
+
+def _bad_images_message(spec: DatasetSpec, bad: list[str], total: int) -> str:
+    return (
+        f"{len(bad)} of {total} images under {spec.image_dir} are missing or cannot be decoded: "
+        f"{', '.join(bad[:_SHOW])}{', ...' if len(bad) > _SHOW else ''}"
+    )
 
 
 def prepare(
     dataset: str | DatasetSpec, root: str | Path, verify: bool = False, allow_checksum_mismatch: bool = False
 ) -> tuple[DatasetSpec, Splits]:
-    """Prepare one dataset under ``root`` (see the module docstring) and return its spec and splits."""
+    """Prepare one dataset under ``root`` (see the module docstring) and return its spec and splits.
+
+    With ``verify``, every image of the split is decoded; missing or damaged ones make it rebuild ``images/``
+    from the download (:func:`rebuild_images`); images still bad afterwards are a :class:`CorruptImageError`.
+    """
     spec = dataset if isinstance(dataset, DatasetSpec) else resolve_dataset(dataset, root)
     if allow_checksum_mismatch:
         spec.allow_split_mismatch = True
     fetch_split(spec, allow_checksum_mismatch)
     if spec.image_dir.is_dir():
-        logger.info("%s exists, skipping download and arrangement", spec.image_dir)
+        logger.info("%s exists, skipping download and arrangement%s", spec.image_dir, " (verifying it)" if verify else "")
     else:
         fetch_images(spec, allow_checksum_mismatch)
-    splits = load_splits(spec)
-    if verify:
-        relpaths = dict.fromkeys(rel for items in splits.values() for rel, _, _ in items)
-        bad = verify_images(spec.image_dir, relpaths)
-        if bad:
+    if not verify:
+        return spec, load_splits(spec)
+    splits = load_splits(spec, check_images=False)
+    relpaths = list(dict.fromkeys(rel for items in splits.values() for rel, _, _ in items))
+    bad = verify_images(spec.image_dir, relpaths)
+    if bad:
+        logger.warning("%s; rebuilding %s from the download", _bad_images_message(spec, bad, len(relpaths)), spec.image_dir)
+        try:
+            rebuild_images(spec, allow_checksum_mismatch)
+        except DatasetError as err:
             raise CorruptImageError(
-                f"{len(bad)} of {len(relpaths)} images under {spec.image_dir} cannot be decoded: "
-                f"{', '.join(bad[:_SHOW])}{', ...' if len(bad) > _SHOW else ''}. Replace them from the original "
-                f"download (delete {spec.image_dir} and rerun the command to arrange it again)."
+                f"{_bad_images_message(spec, bad, len(relpaths))}. They could not be restored from the download "
+                f"({str(err).splitlines()[0]}): replace them from the original dataset, then run this command again."
+            ) from err
+        still = verify_images(spec.image_dir, relpaths)
+        if still:
+            raise CorruptImageError(
+                f"{_bad_images_message(spec, still, len(relpaths))}, even after rebuilding it from "
+                f"{spec.dataset_dir / DOWNLOADS_DIR}: the download itself is damaged; delete it and run this "
+                "command again to download it afresh (or replace the files by hand)."
             )
-    return spec, splits
+        logger.info("Restored %s: all %d images decode", spec.image_dir, len(relpaths))
+    return spec, load_splits(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("dataset", help="config stem (e.g. patternnet, toyrs), dataset yaml path or catalogue name")
     parser.add_argument("--root", required=True, help="folder that holds all datasets ($DATA)")
-    parser.add_argument("--verify", action="store_true", help="decode every image and report corrupt files")
+    parser.add_argument("--verify", action="store_true", help=f"decode every image; {VERIFY_DOES}")
     parser.add_argument(
         "--allow-checksum-mismatch",
         action="store_true",
@@ -443,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     n_classes = len({label for items in splits.values() for _, label, _ in items})
     sizes = "/".join(str(len(splits[k])) for k in ("train", "val", "test"))
-    sys.stdout.write(f"{spec.name} is ready in {spec.dataset_dir}: {n_classes} classes, train/val/test {sizes}\n")
+    sys.stdout.write(f"{spec.label} is ready in {spec.dataset_dir}: {n_classes} classes, train/val/test {sizes}\n")
     return 0
 
 

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,11 +41,21 @@ SUBSAMPLES = ("all", "base", "new")
 TRANSFER_PROTOCOLS = ("crossdata", "domaingen")
 INCOMPLETE_MARK = "†"
 
-# Plot geometry: one panel per metric (Base, New, HM) or per table, one row of panels per table,
-# and a strip on the right for the legend.
+# Plot geometry: per table a heading, one row of panels (one per metric: Base, New, HM; or one for the
+# table) and the legend under them, one legend column per panel.
 PLOT_PANEL_INCHES = (6.0, 4.0)
-PLOT_LEGEND_INCHES = 3.0
+PLOT_MIN_WIDTH_INCHES = 10.0  # room for the heading and the legend of a one-panel table
+PLOT_LINE_INCHES = 0.3  # one line of text (heading, legend note, legend entries)
+PLOT_MARGIN_INCHES = 0.2
+PLOT_LEGEND_ENTRY_INCHES = 5.0  # width of one legend column (a long "Trainer (config, backbone)" label)
+PLOT_CHARS_PER_INCH = 11  # characters of the heading's font per inch, to wrap it
 PLOT_DPI = 100
+PLOT_MARKS_NOTE = (
+    "error bar: sample std over seeds; n=1: a single seed, so no error bar; "
+    f"{INCOMPLETE_MARK}: incomplete (seeds missing); Average: mean over datasets; hatched: published"
+)
+TOY_BACKBONE = "toy"
+SMOKE_TITLE = "SMOKE RUN: the toy backbone has RANDOM weights, these numbers mean nothing"
 
 # Upstream path components that name a protocol (ours, CoOp, APPLeNet/C-SAW trees).
 _PROTOCOL_ALIASES = {
@@ -557,7 +568,7 @@ def _row_labels(methods: Sequence[Method]) -> dict[Method, str]:
         extra = [m.config] if m.config else []
         if vary_shots:
             extra.append(f"{m.shots} shots" if m.shots is not None else "? shots")
-        if vary_backbone or plain[m] in clashes or m.backbone == "toy":  # a random toy backbone is always named
+        if vary_backbone or plain[m] in clashes or m.backbone == TOY_BACKBONE:  # a random toy backbone is always named
             extra.append(m.backbone or "backbone ?")
         text = f"{m.trainer} ({', '.join(extra)})" if extra else m.trainer
         labels[m] = f"{text} [{m.label}]" if m.label else text
@@ -767,7 +778,17 @@ def build_tables(groups: Sequence[Group], protocol: str | None = None, published
             tables += _transfer_tables(proto, mine, published, reference)
         else:
             tables += _per_dataset_table(proto, mine, reference)
+    for table in tables:
+        smoke = _smoke_rows(table)
+        if smoke:
+            table.notes.insert(0, f"{SMOKE_TITLE} ({'; '.join(r.label for r in smoke)}): they test the pipeline, "
+                               "they are not results.")
     return tables
+
+
+def _smoke_rows(table: Table) -> list[Row]:
+    """Our rows run with the toy backbone (a smoke run: random weights)."""
+    return [r for r in table.rows if r.kind == "ours" and r.method is not None and r.method.backbone == TOY_BACKBONE]
 
 
 # ---------------------------------------------------------------------------------------- rendering
@@ -887,11 +908,37 @@ def render(tables: Sequence[Table], fmt: str = "md") -> str:
     return "\n".join(renderers[fmt](t) for t in tables)
 
 
+def _plot_rows(table: Table) -> list[Row]:
+    return [row for row in table.rows if row.kind != "diff"]
+
+
+def _plot_width(tables: Sequence[Table]) -> float:
+    """Figure width in inches: one panel width per panel of the widest table, at least the minimum."""
+    return max(PLOT_MIN_WIDTH_INCHES, PLOT_PANEL_INCHES[0] * max(len(_panels(t)) for t in tables))
+
+
+def _legend_columns(width: float) -> int:
+    return max(1, int(width // PLOT_LEGEND_ENTRY_INCHES))
+
+
+def _text_lines(table: Table, width: float) -> tuple[list[str], list[str]]:
+    """The heading and the legend's marker note of a table, wrapped to the figure width."""
+    chars = int(width * PLOT_CHARS_PER_INCH)
+    heading = textwrap.wrap(_plot_title(table), chars) + (textwrap.wrap(SMOKE_TITLE, chars) if _smoke_rows(table) else [])
+    return heading, textwrap.wrap(PLOT_MARKS_NOTE, round(chars * 1.4))  # the note is set in a smaller font
+
+
+def _table_inches(table: Table, width: float) -> float:
+    """Height of one table's part of the figure: heading, panels, legend (its note and its entry lines)."""
+    heading, note = _text_lines(table, width)
+    entries = math.ceil(len(_plot_rows(table)) / _legend_columns(width))
+    return PLOT_PANEL_INCHES[1] + PLOT_LINE_INCHES * (len(heading) + len(note) + entries) + PLOT_MARGIN_INCHES
+
+
 def plot_size(tables: Sequence[Table]) -> tuple[int, int]:
     """Pixel size (width, height) of the figure :func:`plot` writes for these tables."""
-    cols = max(len(_panels(t)) for t in tables)
-    width = PLOT_PANEL_INCHES[0] * cols + PLOT_LEGEND_INCHES
-    return round(width * PLOT_DPI), round(PLOT_PANEL_INCHES[1] * len(tables) * PLOT_DPI)
+    width = _plot_width(tables)
+    return round(width * PLOT_DPI), round(sum(_table_inches(t, width) for t in tables) * PLOT_DPI)
 
 
 def _panels(table: Table) -> list[tuple[str, list[Column], dict[Column, Column]]]:
@@ -907,27 +954,50 @@ def _panels(table: Table) -> list[tuple[str, list[Column], dict[Column, Column]]
     return [(table.title.split(",")[0], list(table.columns), {})]
 
 
-def plot(tables: Sequence[Table], path: str | Path) -> Path:
-    """Write a grouped bar chart (PNG, Agg backend): bars per method, error bars = std over seeds.
+def _plot_title(table: Table) -> str:
+    """A table's heading in the plot: its title (protocol, what is measured) and the backbones of its rows."""
+    backbones = sorted({str(r.method.backbone or "?") for r in table.rows if r.method is not None and r.kind == "ours"})
+    return f"{table.title} — backbone {', '.join(backbones) or '?'}"
 
-    base2new tables get one panel each for Base, New and HM (HM error bar: std of per-seed HMs);
-    other tables one panel of all their columns. One row of panels per table.
+
+def plot(tables: Sequence[Table], path: str | Path) -> Path:
+    """Write :func:`figure` of ``tables`` as a PNG of :func:`plot_size` pixels."""
+    path = Path(path)
+    fig = figure(tables)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=PLOT_DPI)
+    logger.info("wrote %s (%d x %d px)", path, *plot_size(tables))
+    return path
+
+
+def figure(tables: Sequence[Table]):
+    """A grouped bar chart (matplotlib ``Figure``, Agg backend): bars per method, error bars = sample std over seeds.
+
+    base2new tables get one panel each for Base, New and HM (HM error bar: std of per-seed HMs); other tables
+    one panel of all their columns. Each table gets a heading (its title, backbone and, for the toy backbone,
+    the smoke-run warning), a row of panels and a legend under them. A bar of a single seed has no error bar
+    and is labelled ``n=1`` (a flat bar would read as std 0); a bar of an incomplete group (seeds missing, the
+    table's ``†``) is labelled ``†``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not tables:
         raise ResultsError("nothing to plot: no table was built from the runs found")
-    path = Path(path)
     width, height = plot_size(tables)
-    fig = Figure(figsize=(width / PLOT_DPI, height / PLOT_DPI), dpi=PLOT_DPI)
+    inches = _plot_width(tables)
+    fig = Figure(figsize=(width / PLOT_DPI, height / PLOT_DPI), dpi=PLOT_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ncols = max(len(_panels(t)) for t in tables)
-    axes = fig.subplots(len(tables), ncols, squeeze=False)
-    for r, table in enumerate(tables):
-        rows = [row for row in table.rows if row.kind != "diff"]
+    heights = [_table_inches(t, inches) for t in tables]
+    subfigs = fig.subfigures(len(tables), 1, height_ratios=heights, squeeze=False)[:, 0]
+    for table, sub in zip(tables, subfigs):
+        heading, note = _text_lines(table, inches)
+        rows = _plot_rows(table)
         panels = _panels(table)
-        for c, ax in enumerate(axes[r]):
+        axes = sub.subplots(1, ncols, squeeze=False)[0]
+        handles = []
+        for c, ax in enumerate(axes):
             if c >= len(panels):
                 ax.axis("off")
                 continue
@@ -935,25 +1005,31 @@ def plot(tables: Sequence[Table], path: str | Path) -> Path:
             width_bar = 0.8 / max(len(rows), 1)
             for i, row in enumerate(rows):
                 xs = [j - 0.4 + width_bar * (i + 0.5) for j in range(len(cols))]
-                heights = [_value(row.cells.get(col)) for col in cols]
-                errs = [(row.cells.get(err.get(col, col)) or Cell(None)).std or 0.0 for col in cols]
-                ax.bar(
-                    xs, heights, width_bar, yerr=errs, capsize=2, label=row.label,
-                    hatch="//" if row.kind == "published" else None, alpha=0.6 if row.kind == "published" else 1.0,
-                )
+                heights_ = [_value(row.cells.get(col)) for col in cols]
+                spread = [row.cells.get(err.get(col, col)) or Cell(None) for col in cols]
+                errs = [math.nan if cell.std is None else cell.std for cell in spread]
+                published = row.kind == "published"
+                bars = ax.bar(xs, heights_, width_bar, yerr=errs, capsize=2, label=row.label,
+                              hatch="//" if published else None, alpha=0.6 if published else 1.0)
+                if c == 0:
+                    handles.append(bars)
+                for x, h, e, col, cell in zip(xs, heights_, errs, cols, spread):
+                    marks = ("n=1" if row.kind == "ours" and len(cell.seeds) == 1 else "") + (
+                        INCOMPLETE_MARK if (row.cells.get(col) or Cell(None)).incomplete else "")
+                    if marks and not math.isnan(h):
+                        ax.annotate(marks, (x, h + (0.0 if math.isnan(e) else e)), xytext=(0, 2),
+                                    textcoords="offset points", ha="center", va="bottom", fontsize="x-small")
             ax.set_xticks(range(len(cols)))
             ax.set_xticklabels([col.group if table.protocol == "base2new" else col.title for col in cols],
                                rotation=20, fontsize="small")
-            ax.set_title(title, fontsize="medium")
+            ax.set_title(title if len(panels) > 1 else "", fontsize="medium")
             ax.set_ylabel("accuracy (%)")
-            ax.set_ylim(0, 100)
-            if c == len(panels) - 1 and rows:
-                ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=PLOT_DPI)
-    logger.info("wrote %s (%d x %d px)", path, width, height)
-    return path
+            ax.set_ylim(0, 105)
+        sub.suptitle("\n".join(heading), fontsize="large", color="firebrick" if _smoke_rows(table) else "black")
+        if handles:
+            sub.legend(handles, [r.label for r in rows], loc="outside lower center", ncol=_legend_columns(inches),
+                       fontsize="medium", frameon=False, title="\n".join(note), title_fontsize="small")
+    return fig
 
 
 def _value(cell: Cell | None) -> float:
@@ -1007,6 +1083,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(text)
         if args.plot:
             plot(tables, args.plot)
+        if any(_smoke_rows(t) for t in tables):
+            logger.warning("%s (toy backbone rows)", SMOKE_TITLE)
     except ResultsError as exc:
         logger.error("%s", exc)
         return 1

@@ -2,20 +2,18 @@
 
 Upstream's config keys and defaults: ``TRAINER.APPLENET.{N_CTX, CTX_INIT, PREC}`` and the top-level ``LOSS``
 node (``NAME "apple"``, ``T``); ``LOSS.CRP_WEIGHT`` makes upstream's hard-coded penalty weight 0.05 a key.
-The loss is cross-entropy plus the context-redundancy penalty (:func:`models.applenet.applenet_loss`).
+The model's ``training_loss`` is cross-entropy plus the context-redundancy penalty
+(:func:`models.applenet.applenet_loss`).
 """
 
 from __future__ import annotations
 
-import logging
-
 from dassl.engine import TRAINER_REGISTRY
 from yacs.config import CfgNode as CN
 
-from models.applenet import CRP_WEIGHT, APPLeNetModel, applenet_loss
+from common.errors import ConfigError
+from models.applenet import CRP_WEIGHT, APPLeNetModel
 from trainers.base import PromptTrainer
-
-logger = logging.getLogger(__name__)
 
 
 def add_config(cfg: CN) -> None:
@@ -39,24 +37,9 @@ class APPLeNet(PromptTrainer):
     def check_cfg(self, cfg: CN) -> None:
         super().check_cfg(cfg)
         if cfg.LOSS.NAME != "apple":
-            raise ValueError(f"LOSS.NAME is {cfg.LOSS.NAME!r}; APPLeNet implements only 'apple' (set LOSS.NAME apple).")
-        if not cfg.LOSS.T > 0:
-            raise ValueError(f"LOSS.T is {cfg.LOSS.T}; the penalty divides by it: set a positive LOSS.T (upstream: 1.0).")
+            raise ConfigError(f"LOSS.NAME is {cfg.LOSS.NAME!r}; APPLeNet implements only 'apple' (set LOSS.NAME apple).")
 
     def build_prompt_model(self, clip_model, classnames):
-        node = self.cfg.TRAINER.APPLENET
-        return APPLeNetModel(clip_model, classnames, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT)
-
-    def compute_loss(self, images, labels, extras):
-        logits, ctx = self.model.forward_with_context(images, **extras)
-        loss, defined = applenet_loss(logits, labels, ctx, self.cfg.LOSS.T, self.cfg.LOSS.CRP_WEIGHT)
-        if not defined:
-            self._undefined_penalties = getattr(self, "_undefined_penalties", 0) + 1
-            log = logger.warning if self._undefined_penalties == 1 else logger.debug
-            log(
-                "Context-redundancy penalty undefined for a batch (mean determinant >= 0, so its log10 has no "
-                "value; upstream's loss would be NaN): this step trains on the cross-entropy alone "
-                "(%d such batches so far; later ones are logged at debug level).",
-                self._undefined_penalties,
-            )
-        return loss, logits
+        node, loss = self.cfg.TRAINER.APPLENET, self.cfg.LOSS
+        return APPLeNetModel(clip_model, classnames, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT,
+                             temperature=loss.T, crp_weight=loss.CRP_WEIGHT)  # fmt: skip

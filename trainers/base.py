@@ -6,22 +6,29 @@
   ``amp`` (fp16 autocast + GradScaler, fp32 master weights) and ``bf16`` (bf16 autocast);
 - the optimizer from Dassl's builder, but the LR schedule (constant/linear warm-up then cosine/step, with
   Dassl's semantics) from torch's own ``LambdaLR``, so neither Dassl bug on torch >= 2.6 is reached;
-- checkpoints holding only tensors and plain numbers, loaded with ``torch.load(weights_only=True)``;
+- checkpoints holding only tensors, plain numbers and strings, loaded with ``torch.load(weights_only=True)``;
 - a resume checkpoint after every epoch (``--resume`` or re-running into the same folder continues the
-  schedule exactly);
+  schedule exactly); every checkpoint records the config that shapes training (:func:`run_fingerprint`)
+  and a resume from a checkpoint of another run is refused (:func:`check_resume`);
 - ``results.json`` next to Dassl's ``log.txt`` after every test-set evaluation.
 
 Models used with it expose ``prompt_learner`` (the module holding every learnable parameter, or ``None``)
-and ``forward(images, **extras) -> logits``.
+and ``forward(images, **extras) -> logits``. A model whose training loss is more than cross-entropy also has
+``training_loss(images, labels, **extras) -> (loss, logits, terms)`` (``terms``: named loss parts, logged).
+Subclasses may hook the end of every epoch (:meth:`PromptTrainer.on_epoch_end`), the weights kept after the
+last one (:meth:`PromptTrainer.final_weights`) and the state a resumed run needs
+(:meth:`PromptTrainer.trainer_state`), e.g. PromptSRC's prompt aggregation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import os.path as osp
+import pickle
 import random
 import subprocess
 import time
@@ -32,19 +39,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from clip.model import convert_weights
-from dassl.engine import TrainerX
+from dassl.data import DataManager
+from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 from torch import nn
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
+from common.errors import ConfigError, ExpectedError
 from common.io import atomic_path, write_json_atomic, write_text_atomic
+from common.precision import GPU_ONLY, PRECISIONS
+from common.precision import autocast as precision_autocast
+from datasets.remote_sensing import NamedImageErrors
 from models.weights import load_clip
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "amp", "bf16")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESUME_FILE = "model-resume.pth.tar"
 
@@ -72,7 +83,7 @@ def lr_factor_fn(optim_cfg: CN, base_lr: float) -> Callable[[int], float]:
     kind, max_epoch = optim_cfg.LR_SCHEDULER, float(optim_cfg.MAX_EPOCH)
     warmup = int(optim_cfg.WARMUP_EPOCH) if optim_cfg.WARMUP_EPOCH > 0 else 0
     if warmup and not optim_cfg.WARMUP_RECOUNT:
-        raise ValueError(
+        raise ConfigError(
             "OPTIM.WARMUP_RECOUNT False is not supported (no config of this project uses it); set it to True."
         )
     if kind == "cosine":
@@ -94,7 +105,7 @@ def lr_factor_fn(optim_cfg: CN, base_lr: float) -> Callable[[int], float]:
             return optim_cfg.GAMMA ** sum(e >= m for m in milestones)
 
     else:
-        raise ValueError(
+        raise ConfigError(
             f"OPTIM.LR_SCHEDULER {kind!r} is not supported; use one of cosine, single_step, multi_step."
         )
 
@@ -104,7 +115,7 @@ def lr_factor_fn(optim_cfg: CN, base_lr: float) -> Callable[[int], float]:
                 return optim_cfg.WARMUP_CONS_LR / base_lr
             if optim_cfg.WARMUP_TYPE == "linear":
                 return (optim_cfg.WARMUP_MIN_LR / base_lr) if epoch == 0 else epoch / warmup
-            raise ValueError(f"OPTIM.WARMUP_TYPE {optim_cfg.WARMUP_TYPE!r} must be 'constant' or 'linear'.")
+            raise ConfigError(f"OPTIM.WARMUP_TYPE {optim_cfg.WARMUP_TYPE!r} must be 'constant' or 'linear'.")
         return successor(epoch - warmup)
 
     return factor
@@ -119,22 +130,131 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: CN) -> torch
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
+class CheckpointError(ExpectedError, RuntimeError):
+    """A checkpoint that cannot be used: damaged, not a checkpoint, pickled objects, or missing."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint asked for (``--model-dir``/``--load-epoch``) is not there."""
+
+
+class CheckpointMismatchError(CheckpointError, ValueError):
+    """A checkpoint that does not fit the model (another class count, config or trainer)."""
+
+
+class ResumeMismatchError(ExpectedError):
+    """The run folder holds a checkpoint of another run (another config)."""
+
+
+#: config keys (prefixes) that shape training: a checkpoint continues only a run that agrees on all of them
+FINGERPRINT_PREFIXES = (
+    "SEED", "DATASET.", "INPUT.", "OPTIM.", "MODEL.", "TRAIN.COUNT_ITER", "DATALOADER.TRAIN_X.",
+    "DATALOADER.K_TRANSFORMS", "DATALOADER.RETURN_IMG0", "TRAINER.NAME",
+)  # fmt: skip
+#: keys under those prefixes that do not change what is trained (where the data lives)
+FINGERPRINT_EXCLUDED = ("DATASET.ROOT",)
+_SHOW_DIFFS = 6
+
+
+def _flatten(node: CN, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in node.items():
+        if isinstance(value, CN):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def run_fingerprint(cfg: CN) -> dict[str, object]:
+    """The config that shapes training: seed, dataset (shots, subsample, split...), input, optimiser and schedule,
+    backbone, the trainer's name and every key of its own ``TRAINER.<NODE>`` (e.g. ``TRAINER.COOP.N_CTX``)."""
+    name = cfg.TRAINER.NAME
+    node = TRAINER_REGISTRY.get(name).CONFIG_NODE if name in TRAINER_REGISTRY.registered_names() else ""
+    prefixes = FINGERPRINT_PREFIXES + ((f"TRAINER.{node}.",) if node else ())
+    return {
+        key: value
+        for key, value in sorted(_flatten(cfg).items())
+        if key.startswith(prefixes) and key not in FINGERPRINT_EXCLUDED
+    }
+
+
+def fingerprint_diff(stored: dict[str, object], current: dict[str, object]) -> list[str]:
+    """``KEY: checkpoint A, this run B`` for every key whose value differs (or is missing on one side)."""
+    missing = "(absent)"
+    return [
+        f"{key}: checkpoint {stored.get(key, missing)}, this run {current.get(key, missing)}"
+        for key in sorted(set(stored) | set(current))
+        if stored.get(key, missing) != current.get(key, missing)
+    ]
+
+
 def save_checkpoint_file(state: dict, path: Path) -> None:
-    """``torch.save`` through a temporary file, so an interrupted write never leaves a complete-looking file."""
+    """``torch.save`` through a temporary file unique to this process, so an interrupted write never leaves a
+    complete-looking file and two writers never share a temporary name."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_checkpoint_file(path: Path) -> dict:
-    """Load one of our checkpoints with ``weights_only=True`` (no code is unpickled)."""
+    """Load one of our checkpoints with ``weights_only=True`` (no code is unpickled).
+
+    Raises :class:`CheckpointError` saying which of three things is wrong: the file is damaged or not a
+    checkpoint; it holds pickled Python objects (other code's checkpoint); or it holds no ``state_dict``.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RuntimeError(
-            f"Could not load checkpoint {path} with torch.load(weights_only=True): {exc}. "
-            "Checkpoints written by this project hold only tensors and numbers; a checkpoint from other code "
-            "may hold pickled objects: re-save its 'state_dict' with torch.save."
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated zips, empty files and foreign bytes
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"Checkpoint {path} holds pickled Python objects, which are not loaded (torch.load "
+                "weights_only=True). Checkpoints written by this project hold only tensors and numbers; for one "
+                "from other code, load it there and re-save its 'state_dict' with "
+                "torch.save({'state_dict': ..., 'epoch': N}, path)."
+            ) from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"Checkpoint {path} is damaged or not a checkpoint ({reason}): delete it, or restore it from a good copy."
         ) from exc
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else "a dict without 'state_dict'"
+        raise CheckpointError(
+            f"Checkpoint {path} holds {what}, not a checkpoint (a dict with 'state_dict' and 'epoch'). "
+            "Save weights as torch.save({'state_dict': module.state_dict(), 'epoch': N}, path)."
+        )
+    return ckpt
+
+
+def resume_files(directory: str | Path, names: list[str]) -> list[tuple[str, Path]] | None:
+    """``(module name, checkpoint path)`` that a resume from ``directory`` reads, or None when there is none.
+
+    Each module's folder holds a ``checkpoint`` file naming its latest checkpoint (Dassl's layout).
+    """
+    pointers = [Path(directory) / n / "checkpoint" for n in names]
+    if not names or not all(p.is_file() for p in pointers):
+        return None
+    return [(n, p.parent / p.read_text().strip()) for n, p in zip(names, pointers)]
+
+
+def check_resume(ckpt: dict, path: Path, cfg: CN) -> None:
+    """Refuse (:class:`ResumeMismatchError`) a resume checkpoint whose run config differs from ``cfg``'s."""
+    directory = path.parent.parent
+    ways_out = (
+        f"Give this run another --output-dir, or delete {directory} to start it from scratch there."
+    )
+    stored = ckpt.get("run_config")
+    if not isinstance(stored, str):
+        raise ResumeMismatchError(
+            f"{directory} holds a checkpoint ({path.name}, epoch {ckpt.get('epoch')}) without a record of its "
+            f"run's config (written by an older version), so it cannot be resumed safely. {ways_out}"
+        )
+    diffs = fingerprint_diff(json.loads(stored), json.loads(json.dumps(run_fingerprint(cfg))))  # as stored: JSON
+    if diffs:
+        shown = "; ".join(diffs[:_SHOW_DIFFS]) + (f"; and {len(diffs) - _SHOW_DIFFS} more" if len(diffs) > _SHOW_DIFFS else "")
+        raise ResumeMismatchError(
+            f"{directory} holds a checkpoint of another run ({path.name}, epoch {ckpt.get('epoch')}), "
+            f"which differs in {shown}. {ways_out}"
+        )
 
 
 def rng_state() -> dict:
@@ -158,6 +278,11 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(mt), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def effective_prec(prec: str, device_type: str) -> str:
+    """The precision a run uses: ``prec``, except that fp16 and amp need a GPU and run in fp32 on the CPU."""
+    return "fp32" if prec in GPU_ONLY and device_type == "cpu" else prec
 
 
 def git_sha() -> str | None:
@@ -184,24 +309,30 @@ class PromptTrainer(TrainerX):
     # -- configuration ------------------------------------------------------------------------------------
     @property
     def prec(self) -> str:
-        """Effective precision: the configured ``PREC``; fp16/amp fall back to fp32 on CPU (with a warning)."""
-        prec = self.configured_prec(self.cfg)
-        if prec in ("fp16", "amp") and self.device.type == "cpu":
-            if not getattr(self, "_warned_prec", False):
-                logger.warning("PREC %s needs a GPU; running in fp32 on the CPU (bf16 also works on CPU).", prec)
-                self._warned_prec = True
-            return "fp32"
-        return prec
+        """Effective precision (:func:`effective_prec`; train.py's header shows it, results.json records it)."""
+        return effective_prec(self.configured_prec(self.cfg), self.device.type)
 
-    def configured_prec(self, cfg: CN) -> str:
+    @classmethod
+    def configured_prec(cls, cfg: CN) -> str:
         """``TRAINER.<CONFIG_NODE>.PREC`` of ``cfg`` (fp32 for trainers without one)."""
-        node = cfg.TRAINER.get(self.CONFIG_NODE) if self.CONFIG_NODE else None
+        node = cfg.TRAINER.get(cls.CONFIG_NODE) if cls.CONFIG_NODE else None
         return node.PREC if node is not None and "PREC" in node else "fp32"
 
     def check_cfg(self, cfg: CN) -> None:
         prec = self.configured_prec(cfg)
         if prec not in PRECISIONS:
-            raise ValueError(f"TRAINER.{self.CONFIG_NODE}.PREC is {prec!r}; choose one of {', '.join(PRECISIONS)}.")
+            raise ConfigError(f"TRAINER.{self.CONFIG_NODE}.PREC is {prec!r}; choose one of {', '.join(PRECISIONS)}.")
+
+    # -- data ---------------------------------------------------------------------------------------------
+    def build_data_loader(self) -> None:
+        """Dassl's data loaders (same attributes as ``SimpleTrainer.build_data_loader``), with a dataset wrapper
+        whose unreadable images are errors naming the file (:class:`datasets.remote_sensing.NamedImageErrors`)."""
+        dm = DataManager(self.cfg, dataset_wrapper=NamedImageErrors)
+        self.train_loader_x, self.train_loader_u = dm.train_loader_x, dm.train_loader_u
+        self.val_loader, self.test_loader = dm.val_loader, dm.test_loader
+        self.num_classes, self.num_source_domains = dm.num_classes, dm.num_source_domains
+        self.lab2cname = dm.lab2cname
+        self.dm = dm
 
     # -- model --------------------------------------------------------------------------------------------
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
@@ -240,11 +371,7 @@ class PromptTrainer(TrainerX):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for the configured precision."""
-        if self.prec == "amp":
-            return torch.autocast(self.device.type, dtype=torch.float16)
-        if self.prec == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision_autocast(self.device.type, self.prec)
 
     # -- batches ------------------------------------------------------------------------------------------
     def batch_extras(self, batch: dict) -> dict:
@@ -257,15 +384,21 @@ class PromptTrainer(TrainerX):
         labels = batch["label"].to(self.device, non_blocking=True)
         return images, labels, self.batch_extras(batch)
 
-    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor, extras: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training loss and logits of a batch (runs under autocast); methods with more loss terms override it."""
+    def compute_loss(
+        self, images: torch.Tensor, labels: torch.Tensor, extras: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, logits, terms)`` of a training batch: the model's ``training_loss`` if it has one, else
+        cross-entropy on its logits."""
+        training_loss = getattr(self.model, "training_loss", None)
+        if training_loss is not None:
+            return training_loss(images, labels, **extras)
         logits = self.model(images, **extras)
-        return F.cross_entropy(logits.float(), labels), logits
+        return F.cross_entropy(logits.float(), labels), logits, {}
 
     def forward_backward(self, batch: dict) -> dict:
         images, labels, extras = self.parse_batch(batch)
         with self.autocast():
-            loss, logits = self.compute_loss(images, labels, extras)
+            loss, logits, terms = self.compute_loss(images, labels, extras)
         self.detect_anomaly(loss)
         self.optim.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -275,7 +408,8 @@ class PromptTrainer(TrainerX):
         else:
             loss.backward()
             self.optim.step()
-        summary = {"loss": loss.item(), "acc": compute_accuracy(logits, labels)[0].item()}
+        summary = {"loss": loss.item(), **{k: float(v) for k, v in terms.items()}}
+        summary["acc"] = compute_accuracy(logits, labels)[0].item()
         if (self.batch_idx + 1) == self.num_batches:
             self.update_lr()
         return summary
@@ -330,6 +464,7 @@ class PromptTrainer(TrainerX):
             "backbone": cfg.MODEL.BACKBONE.NAME,
             "config": cfg.BENCH.CONFIG_NAME,
             "epoch": int(getattr(self, "_loaded_epoch", None) or getattr(self, "_trained_epochs", 0)),
+            "precision": self.prec,
             "accuracy": float(results["accuracy"]),
             "macro_f1": float(results["macro_f1"]),
             "per_class": per_class,
@@ -337,6 +472,8 @@ class PromptTrainer(TrainerX):
             "seconds": round(time.time() - getattr(self, "_t_start", time.time()), 3),
             "git_sha": git_sha(),
         }
+        if int(cfg.DATASET.NUM_SHOTS) >= 1:
+            record["shots_per_class"] = dict(getattr(self.dm.dataset, "shots_per_class", {}))
         if cfg.BENCH.SOURCE_DATASET and cfg.BENCH.SOURCE_DATASET != cfg.DATASET.NAME:
             record["source_dataset"] = cfg.BENCH.SOURCE_DATASET
         path = Path(cfg.OUTPUT_DIR) / "results.json"
@@ -355,6 +492,8 @@ class PromptTrainer(TrainerX):
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "val_result": None if val_result is None else float(val_result),
             "rng": rng_state(),
+            "run_config": json.dumps(run_fingerprint(self.cfg)),
+            "trainer_state": self.trainer_state(),
         }
 
     def save_model(self, epoch, directory, is_best=False, val_result=None, model_name=""):
@@ -366,8 +505,27 @@ class PromptTrainer(TrainerX):
                 write_text_atomic(folder / "checkpoint", fname + "\n")
             logger.log(logging.DEBUG if fname == RESUME_FILE else logging.INFO, "Checkpoint saved to %s", folder / fname)
 
+    # -- training hooks -----------------------------------------------------------------------------------
+    def on_epoch_end(self) -> None:
+        """Hook: after every training epoch (``self.epoch``), before its checkpoint is written."""
+
+    def final_weights(self) -> None:
+        """Hook: after the last training epoch, before its checkpoint and the final test; may replace the
+        learned weights by the ones to keep (e.g. an average over epochs)."""
+
+    def trainer_state(self) -> dict:
+        """Hook: what a resumed run needs besides weights, optimizer and schedule (tensors and plain numbers);
+        saved in every checkpoint."""
+        return {}
+
+    def load_trainer_state(self, state: dict) -> None:
+        """Hook: restore what :meth:`trainer_state` returned, when a run resumes."""
+
     def after_epoch(self) -> None:
         self._trained_epochs = self.epoch + 1
+        self.on_epoch_end()
+        if self.epoch + 1 == self.max_epoch:
+            self.final_weights()
         super().after_epoch()
         last = (self.epoch + 1) == self.max_epoch
         freq = self.cfg.TRAIN.CHECKPOINT_FREQ
@@ -379,15 +537,14 @@ class PromptTrainer(TrainerX):
                 Path(self.output_dir, name, RESUME_FILE).unlink(missing_ok=True)
 
     def resume_model_if_exist(self, directory: str) -> int:
-        names = self.get_model_names()
-        pointers = [Path(directory) / n / "checkpoint" for n in names]
-        if not names or not all(p.is_file() for p in pointers):
+        files = resume_files(directory, self.get_model_names())
+        if files is None:
             logger.info("No checkpoint found in %s: training from scratch", directory)
             return 0
         start_epoch = 0
-        for name, pointer in zip(names, pointers):
-            path = pointer.parent / pointer.read_text().strip()
+        for name, path in files:
             ckpt = load_checkpoint_file(path)
+            check_resume(ckpt, path, self.cfg)
             self._models[name].load_state_dict(ckpt["state_dict"])
             if self._optims[name] is not None and ckpt.get("optimizer") is not None:
                 self._optims[name].load_state_dict(ckpt["optimizer"])
@@ -397,6 +554,8 @@ class PromptTrainer(TrainerX):
                 self.scaler.load_state_dict(ckpt["scaler"])
             if ckpt.get("rng"):
                 set_rng_state(ckpt["rng"])
+            if ckpt.get("trainer_state"):
+                self.load_trainer_state(ckpt["trainer_state"])
             start_epoch = int(ckpt["epoch"])
             logger.info("Resumed %s from %s (continuing at epoch %d)", name, path, start_epoch + 1)
         return start_epoch
@@ -412,7 +571,7 @@ class PromptTrainer(TrainerX):
             if not path.is_file():
                 folder = path.parent
                 present = sorted(p.name for p in folder.glob("model*")) if folder.is_dir() else []
-                raise FileNotFoundError(
+                raise CheckpointNotFoundError(
                     f"No checkpoint {fname} in {folder} (looked for {path}). "
                     f"Checkpoints there: {present or 'none'}. "
                     "Train first, or pass --load-epoch N matching a file model.pth.tar-N."
@@ -433,7 +592,7 @@ class PromptTrainer(TrainerX):
         state = {k: v for k, v in state.items() if k.split(".")[-1] not in self.IGNORED_CHECKPOINT_KEYS}
         for key, value in state.items():
             if key in own and own[key].shape != value.shape:
-                raise ValueError(
+                raise CheckpointMismatchError(
                     f"Checkpoint {path}: '{key}' has shape {tuple(value.shape)} but this model expects "
                     f"{tuple(own[key].shape)}. The checkpoint was trained with a different class count or "
                     "config (e.g. class-specific context, N_CTX, or another caption encoder); "
@@ -441,7 +600,7 @@ class PromptTrainer(TrainerX):
                 )
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"Checkpoint {path} does not match {type(module).__name__}: missing keys {missing}, "
                 f"unexpected keys {unexpected}. Was it trained with another trainer or config?"
             )

@@ -9,7 +9,7 @@ from yacs.config import CfgNode as CN
 
 from datasets.captions import DEFAULT_CAPTIONER, DEFAULT_ENCODER, load_caption_features, to_relpath
 from models.bimors import BiMoRSModel
-from trainers.base import PromptTrainer
+from trainers.base import CheckpointMismatchError, PromptTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class BiMoRS(PromptTrainer):
     def convert_checkpoint_state(self, state: dict, path) -> dict:
         key = "caption_proj.weight"
         if key in state and state[key].shape[1] != self.caption_table.shape[1]:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"Checkpoint {path} was trained with {state[key].shape[1]}-d caption vectors, but the caption store "
                 f"for this dataset has {self.caption_table.shape[1]}-d vectors. Use the caption encoder the model "
                 "was trained with (TRAINER.BIMORS.CAPTION_ENCODER)."

@@ -19,6 +19,12 @@ def add_config(cfg: CN) -> None:
     cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end | middle | front
 
 
+def coop_options(node: CN) -> dict:
+    """The options of :class:`models.coop.CoOpModel` from ``TRAINER.COOP`` (CoOp's and KgCoOp's node)."""
+    return {"n_ctx": node.N_CTX, "ctx_init": node.CTX_INIT, "csc": node.CSC,
+            "class_token_position": node.CLASS_TOKEN_POSITION}  # fmt: skip
+
+
 @TRAINER_REGISTRY.register()
 class CoOp(PromptTrainer):
     """Context Optimization: learned prompt context shared by all classes (or one per class)."""
@@ -26,12 +32,4 @@ class CoOp(PromptTrainer):
     CONFIG_NODE = "COOP"
 
     def build_prompt_model(self, clip_model, classnames):
-        node = self.cfg.TRAINER.COOP
-        return CoOpModel(
-            clip_model,
-            classnames,
-            n_ctx=node.N_CTX,
-            ctx_init=node.CTX_INIT,
-            csc=node.CSC,
-            class_token_position=node.CLASS_TOKEN_POSITION,
-        )
+        return CoOpModel(clip_model, classnames, **coop_options(self.cfg.TRAINER.COOP))

@@ -6,7 +6,7 @@ import logging
 
 from dassl.engine import TRAINER_REGISTRY
 
-from models.prompts import RS_ENSEMBLE_TEMPLATES
+from models.prompts import ensemble_templates
 from models.zsclip import ZeroshotModel
 from trainers.base import PromptTrainer
 
@@ -36,4 +36,4 @@ class ZeroshotCLIPEnsemble(ZeroshotCLIP):
     """Zero-shot CLIP averaging the text features of the dataset template and a remote-sensing ensemble."""
 
     def templates(self) -> list[str]:
-        return list(dict.fromkeys([self.dataset_template(), *RS_ENSEMBLE_TEMPLATES]))
+        return ensemble_templates(self.dataset_template())
