@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.encoders import TextEncoder, VisualEncoder, freeze, require_vit
-from models.prompts import ClassPrompts, init_context, meta_net
+from models.prompts import ClassPrompts, init_context, meta_net, per_image_logits
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,4 @@ class BiMoRSModel(nn.Module):
         feats, tokens = self.encode_images(images)
         ctx = self.prompt_learner(tokens, captions)
         prompts = self.prompt_learner.prompts
-        text = self.text_encoder.forward_shared_prefix(prompts.prefix(ctx), prompts.token_suffix, prompts.eot)
-        text = F.normalize(text.float(), dim=-1)  # (B, C, E)
-        return self.logit_scale.exp().float() * torch.einsum("be,bce->bc", feats, text)
+        return per_image_logits(self.text_encoder, prompts, self.logit_scale, feats, prompts.prefix(ctx))

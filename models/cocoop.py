@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.encoders import TextEncoder, VisualEncoder, freeze
-from models.prompts import ClassPrompts, init_context, meta_net
+from models.prompts import ClassPrompts, init_context, meta_net, per_image_logits
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,4 @@ class CoCoOpModel(nn.Module):
             feats, _ = self.visual(images)
         feats = F.normalize(feats.float(), dim=-1)
         prefix = self.prompt_learner(feats)
-        pieces = self.prompt_learner.prompts
-        suffix = pieces.token_suffix.to(prefix.dtype)
-        text = self.text_encoder.forward_shared_prefix(prefix, suffix, pieces.eot)  # (B, C, E)
-        text = F.normalize(text.float(), dim=-1)
-        return self.logit_scale.exp().float() * torch.einsum("be,bce->bc", feats, text)
+        return per_image_logits(self.text_encoder, self.prompt_learner.prompts, self.logit_scale, feats, prefix)

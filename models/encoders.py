@@ -9,7 +9,8 @@ formulations of :mod:`models.reference`. Weights and model building live in :mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -260,10 +261,15 @@ class VisualEncoder(nn.Module):
         """Return ``(features (B, E), tokens (B, T, W) or None for ResNets)``."""
         if not self.is_vit:
             return self.visual(images.to(self.dtype)), None
+        (x,) = deque(self.layer_outputs(images), maxlen=1)  # the last block's tokens; earlier ones are freed
+        return self.head(x), x
+
+    def layer_outputs(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The ViT's token sequence (B, T, W) after each of its residual blocks, first to last."""
         x = self.visual.ln_pre(self.embed(images))
         for block in self.visual.transformer.resblocks:
             x = residual_block(block, x)
-        return self.head(x), x
+            yield x
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embeddings with the class token and positional embeddings (B, 1 + grid*grid, W), before ``ln_pre``."""

@@ -1,4 +1,5 @@
-"""Shared prompt pieces: class prompts as frozen token embeddings, context initialisation, the meta-net, templates."""
+"""Shared prompt pieces: class prompts as frozen token embeddings, context initialisation, the meta-net, templates,
+and the logits of per-image prompts."""
 
 from __future__ import annotations
 
@@ -197,3 +198,22 @@ class ClassPrompts(nn.Module):
             ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
         suffix = self.token_suffix.to(ctx.dtype)
         return torch.cat([self.prefix(ctx), suffix], dim=-2)
+
+
+def per_image_logits(
+    text_encoder: TextEncoder,
+    prompts: ClassPrompts,
+    logit_scale: torch.Tensor,
+    image_features: torch.Tensor,
+    prefix: torch.Tensor,
+) -> torch.Tensor:
+    """Logits (B, C) when every image has its own prompts (CoCoOp, BiMoRS, APPLeNet).
+
+    ``prefix`` (B, 1 + n_ctx, D) is each image's ``[SOS] + context``; it is completed with every class's suffix
+    and encoded through the exact shared-prefix text path (docs/design.md section 7). ``image_features``
+    (B, E) are normalised; the result is ``exp(logit_scale)`` times the cosine similarities.
+    """
+    suffix = prompts.token_suffix.to(prefix.dtype)
+    text = text_encoder.forward_shared_prefix(prefix, suffix, prompts.eot)  # (B, C, E)
+    text = F.normalize(text.float(), dim=-1)
+    return logit_scale.exp().float() * torch.einsum("be,bce->bc", image_features, text)

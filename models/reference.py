@@ -113,6 +113,19 @@ def per_image_text(clip: CLIP, prefixes: torch.Tensor, emb: torch.Tensor, eot: t
     )
 
 
+def per_image_context_logits(
+    clip: CLIP, emb: torch.Tensor, tokens: torch.Tensor, feats: torch.Tensor, ctx: torch.Tensor
+) -> torch.Tensor:
+    """Logits (B, C), one image at a time, of prompts ``[SOS] ctx[b] <classname>.`` at full length.
+
+    ``emb``/``tokens`` are :func:`placeholder_prompts` with ``ctx.shape[1]`` placeholders; ``feats`` (B, E) the
+    image features; ``ctx`` (B, n_ctx, D) each image's context.
+    """
+    prefixes = torch.cat([emb[:1, :1].expand(len(ctx), -1, -1), ctx], dim=1)
+    text = per_image_text(clip, prefixes, emb, tokens.argmax(-1))
+    return torch.cat([logits(clip, feats[b : b + 1], text[b]) for b in range(len(feats))])
+
+
 # ------------------------------------------------------------------------------------------ methods
 def template_text(clip: CLIP, classnames: Sequence[str], templates: Sequence[str], normalize_each: bool) -> torch.Tensor:
     """Normalised mean (C, E) over ``templates`` of CLIP's ``encode_text`` features of every class, each template's
@@ -142,9 +155,7 @@ def cocoop_logits(model: nn.Module, clip: CLIP, images: torch.Tensor) -> torch.T
     emb, tokens = placeholder_prompts(clip, learner.prompts.classnames, learner.ctx.shape[-2])
     feats = F.normalize(clip.encode_image(images), dim=-1)
     ctx = learner.ctx.unsqueeze(0) + learner.meta_net(feats).unsqueeze(1)  # (B, n_ctx, D)
-    prefixes = torch.cat([emb[:1, :1].expand(len(ctx), -1, -1), ctx], dim=1)
-    text = per_image_text(clip, prefixes, emb, tokens.argmax(-1))
-    return torch.cat([logits(clip, feats[b : b + 1], text[b]) for b in range(len(feats))])
+    return per_image_context_logits(clip, emb, tokens, feats, ctx)
 
 
 def bimors_logits(model: nn.Module, clip: CLIP, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
@@ -154,9 +165,7 @@ def bimors_logits(model: nn.Module, clip: CLIP, images: torch.Tensor, captions: 
     emb, tokens = placeholder_prompts(clip, learner.prompts.classnames, learner.ctx.shape[0])
     feats, vis_tokens = stock_vit(clip, images)
     ctx = torch.cat([learner(vis_tokens[b : b + 1], captions[b : b + 1]) for b in range(len(images))])
-    prefixes = torch.cat([emb[:1, :1].expand(len(ctx), -1, -1), ctx], dim=1)
-    text = per_image_text(clip, prefixes, emb, tokens.argmax(-1))
-    return torch.cat([logits(clip, feats[b : b + 1], text[b]) for b in range(len(feats))])
+    return per_image_context_logits(clip, emb, tokens, feats, ctx)
 
 
 def deep_prompt_features(
@@ -204,3 +213,55 @@ def promptsrc_views(
         views.append({"logits": logits(clip, img, txt), "text": F.normalize(txt, dim=-1),
                       "image": F.normalize(img, dim=-1)})  # fmt: skip
     return views[0], views[1]
+
+
+# ------------------------------------------------------------------------------------------ APPLeNet
+def stock_vit_layers(clip: CLIP, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """CLIP's stock ``encode_image`` with every residual block's output (B, T, W) caught by forward hooks
+    (upstream APPLeNet edits CLIP's ``Transformer`` to return them; hooks read the same tensors)."""
+    layers: list[torch.Tensor] = []
+    blocks = clip.visual.transformer.resblocks
+    hooks = [b.register_forward_hook(lambda _m, _i, out: layers.append(out.permute(1, 0, 2))) for b in blocks]
+    try:
+        return clip.encode_image(images), layers
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def applenet_context(learner: nn.Module, feats: torch.Tensor, layers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """APPLeNet's shifted context (B, n_ctx, D), step by step as upstream computes it, with ``learner``'s weights.
+
+    ``feats`` (B, E) are the normalised image features, ``layers`` the ViT's token sequences (B, T, W).
+    """
+    scales = [linear(tokens.mean(dim=1)) for linear, tokens in zip(learner.multi.linear, layers)]
+    fcs = torch.stack([*scales, feats], dim=1)  # (B, L + 1, E)
+    pooled = fcs.mean(dim=1, keepdim=True)  # upstream: AdaptiveAvgPool2d((1, E)) over the scales
+    block = learner.injection
+    first = block.linearlayer1(torch.cat([block.attention(pooled) * pooled, pooled], dim=2))
+    bias = block.linearlayer2(torch.cat([block.attention(first) * pooled, pooled], dim=2))  # (B, 1, D)
+    n_ctx = learner.ctx.shape[0]
+    alpha = torch.cat([learner.meta_net(bias) for _ in range(n_ctx)], dim=1)  # upstream: alpha1..alpha4
+    return learner.ctx.unsqueeze(0) + alpha
+
+
+def applenet_logits(model: nn.Module, clip: CLIP, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """APPLeNet (:class:`models.applenet.APPLeNetModel`): logits from 77-token prompts one image at a time, and
+    the shifted context (B, n_ctx, D) the penalty reads."""
+    learner = model.prompt_learner
+    emb, tokens = placeholder_prompts(clip, learner.prompts.classnames, learner.ctx.shape[0])
+    feats, layers = stock_vit_layers(clip, images)
+    feats = F.normalize(feats, dim=-1)
+    ctx = applenet_context(learner, feats, layers)
+    return per_image_context_logits(clip, emb, tokens, feats, ctx), ctx
+
+
+# ------------------------------------------------------------------------------------------ CLIP-Adapter
+def clip_adapter_logits(model: nn.Module, clip: CLIP, images: torch.Tensor) -> torch.Tensor:
+    """CLIP-Adapter (:class:`models.clip_adapter.CLIPAdapterModel`) as upstream computes it: the hand-crafted
+    prompts through CLIP's stock ``encode_text`` on every call, the stock image feature blended with its
+    adapted copy (``ratio * adapter(f) + (1 - ratio) * f``)."""
+    text = template_text(clip, [c.replace("_", " ") for c in model.classnames], [model.template], normalize_each=True)
+    image = clip.encode_image(images)
+    image = model.ratio * model.prompt_learner(image) + (1 - model.ratio) * image
+    return logits(clip, image, text)

@@ -154,14 +154,15 @@ def _seed_random_generators(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(scope="module")
 def make_clip():
-    """A small random CLIP with 2 attention heads and 3 layers per tower, non-trivial layer norms (fp32)."""
+    """A small random CLIP with 2 attention heads and 3 layers per tower, non-trivial layer norms (fp32): image
+    feature 32, ViT width 128, text width ``text_width`` (default 128)."""
     import torch
     from clip.model import CLIP
 
-    def make() -> CLIP:
+    def make(text_width: int = 128) -> CLIP:
         torch.manual_seed(0)
         model = CLIP(embed_dim=32, image_resolution=32, vision_layers=3, vision_width=128, vision_patch_size=16,
-                     context_length=77, vocab_size=49408, transformer_width=128, transformer_heads=2,
+                     context_length=77, vocab_size=49408, transformer_width=text_width, transformer_heads=2,
                      transformer_layers=3).float().eval()  # fmt: skip
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -332,6 +332,30 @@ def test_published_rows_and_differences(b2n_root):
     assert any("Δ = ours − published" in n for n in table.notes)
 
 
+def test_new_trainers_and_published_only_methods(tmp_path):
+    """APPLeNet and CLIP-Adapter runs get a Δ row against their published numbers; ProGrad, StyLIP and C-SAW
+    (not run here) appear as published rows only; EuroSAT is a column once a run has it."""
+    root = tmp_path / "output"
+    accs = {("PatternNet", "base"): 90.0, ("PatternNet", "new"): 60.0, ("EuroSAT", "base"): 80.0, ("EuroSAT", "new"): 50.0}
+    for trainer, cfg in (("APPLeNet", "vit_b16_c4"), ("CLIP_Adapter", "vit_b16")):
+        for (dataset, sub), acc in accs.items():
+            for seed in (1, 2, 3):
+                write_run(root, b2n_rel(dataset, sub, trainer, cfg, seed), trainer=trainer, config=cfg,
+                          dataset=dataset, subsample=sub, seed=seed, accuracy=acc)
+    table = b2n_table(root, published=True)
+    assert [c.group for c in table.columns if c.metric == "Base"] == ["PatternNet", "EuroSAT", "Average"]
+    for trainer, name in (("APPLeNet", "APPLeNet"), ("CLIP_Adapter", "CLIP-Adapter")):
+        pub = R.load_published()["base2new"]["results"][name]
+        diff = row(table, f"Δ {trainer}", "diff")
+        assert diff.cells[R.Column("EuroSAT", "New")].mean == pytest.approx(50.0 - pub["EuroSAT"]["new"])
+        assert diff.cells[R.Column("PatternNet", "Base")].mean == pytest.approx(90.0 - pub["PatternNet"]["base"])
+    csaw = row(table, "C-SAW (published)", "published")
+    assert csaw.cells[R.Column("EuroSAT", "HM")].mean == pytest.approx(hm(95.39, 77.2))  # recomputed, not 85.33
+    for name in ("ProGrad", "StyLIP", "C-SAW"):
+        row(table, f"{name} (published)", "published")
+        assert not [r for r in table.rows if r.kind == "diff" and name in r.label]
+
+
 def test_published_file_recomputed_hms():
     published = R.load_published()
     assert set(published["methods"].values()) >= {"ZeroshotCLIP", "CoOp", "CoCoOp", "MaPLe"}
@@ -339,12 +363,19 @@ def test_published_file_recomputed_hms():
         assert published[block]["sources"] and all(s in published["sources"] for s in published[block]["sources"])
     slips = []
     for method, per_dataset in published["base2new"]["results"].items():
-        assert list(per_dataset) == published["datasets"][:4]
+        assert list(per_dataset) == published["datasets"][:5]  # the four of both sources, then EuroSAT (C-SAW)
         for dataset, v in per_dataset.items():
             if abs(R.harmonic_mean(v["base"], v["new"]) - v["hm_printed"]) > 0.005:
                 slips.append((method, dataset))
                 assert "note" in v
-    assert slips == [("MaPLe", "MLRSNet")]
+    assert slips == [("CoOp", "EuroSAT"), ("MaPLe", "MLRSNet"), ("C-SAW", "EuroSAT")]
+    for block in ("crossdata", "domaingen"):  # every row names the source and only datasets of the list
+        for per_dataset in published[block]["results"].values():
+            assert published[block]["source_dataset"] in per_dataset and set(per_dataset) <= set(published["datasets"])
+    # every trainer a published row maps to is registered here; null marks a published-only method
+    published_only = {name for name, trainer in published["methods"].items() if trainer is None}
+    assert published_only == {"ProGrad", "StyLIP", "C-SAW"}
+    assert {"APPLeNet", "CLIP-Adapter"} <= set(published["methods"]) - published_only
     mlrs = published["base2new"]["results"]["MaPLe"]["MLRSNet"]
     assert round(R.harmonic_mean(mlrs["base"], mlrs["new"]), 2) == 64.77
 

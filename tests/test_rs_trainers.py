@@ -22,8 +22,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import open_clip
 
-# The registry-wide trainer tests' small ToyRS (a module fixture), trainer builder (fp32, toy captioner) and list.
-toy_root = test_trainers.toy_root
+# The registry-wide trainer tests' trainer builder (fp32, toy captioner) and list; ``toy_root`` is conftest's.
 build, first_batch, TRAINERS = test_trainers.build, test_trainers.first_batch, test_trainers.TRAINERS
 
 

@@ -32,6 +32,8 @@ WRAPPERS = {
     "maple": ("MaPLe", "vit_b16_c2_ep5_batch4_2ctx", "vit_b16_c2_ep5_batch4_2ctx_cross_datasets"),
     "kgcoop": ("KgCoOp", "vit_b16_ep100_ctxv1", "vit_b16_ep100_ctxv1"),
     "promptsrc": ("PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", "vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets"),
+    "applenet": ("APPLeNet", "vit_b16_c4", "vit_b16_c4"),
+    "clip_adapter": ("CLIP_Adapter", "vit_b16", "vit_b16"),
 }
 TRANSFER = {
     "crossdata": ("patternnet", ["rsicd", "resisc45", "mlrsnet"], "PatternNet"),

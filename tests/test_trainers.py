@@ -187,7 +187,7 @@ def _upstream_state(name: str, ours: dict[str, torch.Tensor]) -> dict[str, torch
     return state
 
 
-@pytest.mark.parametrize("name", ["CoOp", "CoCoOp", "MaPLe", "KgCoOp", "PromptSRC"])
+@pytest.mark.parametrize("name", ["CoOp", "CoCoOp", "MaPLe", "KgCoOp", "PromptSRC", "APPLeNet", "CLIP_Adapter"])
 def test_upstream_checkpoint_layout_loads(name, toy_root, tmp_path):
     trainer = build(toy_root, tmp_path / "out", name)
     ours = trainer.model.prompt_learner.state_dict()
@@ -199,6 +199,22 @@ def test_upstream_checkpoint_layout_loads(name, toy_root, tmp_path):
     loaded = trainer.model.prompt_learner.state_dict()
     for key in ours:
         assert torch.equal(loaded[key], upstream[_upstream_key(name, key)]), key
+
+
+# ------------------------------------------------------------------------------------------ method-specific losses
+def test_applenet_loss_reads_the_config(toy_root, tmp_path):
+    """APPLeNet trains on cross-entropy + LOSS.CRP_WEIGHT x penalty(LOSS.T) of the model's own outputs."""
+    from models.applenet import context_redundancy_penalty
+
+    trainer = build(toy_root, tmp_path, "APPLeNet", "LOSS.CRP_WEIGHT", "0.5", "LOSS.T", "1.5")
+    images, labels, extras = first_batch(trainer, "train")
+    loss, logits, terms = trainer.compute_loss(images, labels, extras)
+    expected_logits, ctx = trainer.model.forward_with_context(images)
+    penalty, defined = context_redundancy_penalty(ctx, 1.5)
+    assert defined and torch.equal(logits, expected_logits) and set(terms) == {"loss_ce", "loss_crp", "crp_defined"}
+    expected = torch.nn.functional.cross_entropy(logits, labels) + 0.5 * penalty
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms["loss_crp"].item() == pytest.approx(penalty.item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -136,7 +136,21 @@ def make_coop(clip_model: CLIP, classnames: list[str]) -> Case:
                 prompts=lambda images: model.prompt_learner())
 
 
+def make_applenet(clip_model: CLIP, classnames: list[str]) -> Case:
+    from models.applenet import APPLeNetModel
+
+    model = APPLeNetModel(clip_model, classnames, n_ctx=4, ctx_init="a photo of a")
+
+    def prompts(images):
+        learner = model.prompt_learner
+        return learner.prompts.prefix(learner(*model.encode_images(images)))
+
+    return Case(model=model, clip_model=clip_model, extras=lambda b: {},
+                reference=lambda images: reference.applenet_logits(model, clip_model, images)[0], prompts=prompts)
+
+
 CASES: dict[str, Callable[[CLIP, list[str]], Case]] = {"BiMoRS": make_bimors, "CoCoOp": make_cocoop, "CoOp": make_coop}
+CASES["APPLeNet"] = make_applenet
 
 
 # ----------------------------------------------------------------------------------------------------------
