@@ -20,11 +20,15 @@ from conftest import REPO_ROOT, assert_close_fp32
 from torch import nn
 
 from models import weights
+from models.applenet import APPLeNetModel
 from models.bimors import BiMoRSModel
+from models.clip_adapter import CLIPAdapterModel
 from models.cocoop import CoCoOpModel
 from models.coop import CoOpModel
 from models.encoders import TextEncoder, VisualEncoder, eot_positions, tokenize
+from models.kgcoop import KgCoOpModel
 from models.maple import MaPLeModel
+from models.promptsrc import PromptSRCModel
 from models.weights import BACKBONES, load_clip
 from models.zsclip import ZeroshotModel
 from tools import results as R
@@ -344,10 +348,20 @@ def build_method(method: str, clip_model, classnames):
         return CoCoOpModel(clip_model, classnames, n_ctx=4)
     if method == "MaPLe":
         return MaPLeModel(clip_model, classnames, n_ctx=2, prompt_depth=1)
+    if method == "KgCoOp":
+        return KgCoOpModel(clip_model, classnames, "a satellite photo of a {}.", n_ctx=4)
+    if method == "PromptSRC":
+        return PromptSRCModel(clip_model, classnames, ["a satellite photo of a {}."], n_ctx_text=2, n_ctx_vision=2,
+                              prompt_depth_text=1, prompt_depth_vision=1)  # fmt: skip
+    if method == "APPLeNet":
+        return APPLeNetModel(clip_model, classnames, n_ctx=4)
+    if method == "CLIP_Adapter":
+        return CLIPAdapterModel(clip_model, classnames, "a satellite photo of a {}.")
     return BiMoRSModel(clip_model, classnames, caption_dim=8)
 
 
-METHODS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "MaPLe", "BiMoRS"]
+METHODS = ["ZeroshotCLIP", "CoOp", "CoCoOp", "MaPLe", "BiMoRS", "KgCoOp", "PromptSRC", "APPLeNet", "CLIP_Adapter"]
+NEED_VIT_TOKENS = ("MaPLe", "BiMoRS", "PromptSRC", "APPLeNet")
 
 
 @pytest.mark.parametrize(("name", "width", "tokens"), [
@@ -373,7 +387,7 @@ def test_every_method_runs_on_every_vit_size(name, width, tokens):
 def test_resnet_backbones_are_refused_by_methods_needing_vit_tokens(method):
     torch.manual_seed(0)
     clip_model = dataclasses.replace(shallow("RemoteCLIP-RN50"), image_resolution=64).build()
-    if method in ("MaPLe", "BiMoRS"):
+    if method in NEED_VIT_TOKENS:
         with pytest.raises(ValueError, match=f"^{method} needs a ViT backbone.*ViT-B/16.$") as err:
             build_method(method, clip_model, ["harbor", "forest"])
         assert "\n" not in str(err.value)
