@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, requires_dassl
 
+from tools.planner import TRAINERS
 from train import build_parser
 
 SCRIPTS = REPO_ROOT / "scripts"
@@ -97,27 +98,25 @@ def wrapper_lines(folder: str, protocol: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------- wrappers
 @pytest.mark.parametrize("protocol", WRAPPER_PROTOCOLS)
 @pytest.mark.parametrize("folder", sorted(WRAPPERS))
-def test_wrapper_is_trainer_cfg_exec(folder, protocol):
+def test_wrapper_is_trainer_exec(folder, protocol):
+    """A wrapper names its trainer and hands over to the protocol; the planner knows the trainer's configs."""
     trainer, cfg, xcfg = WRAPPERS[folder]
-    cfg = cfg if protocol == "base2new" else xcfg
-    extra = " EVAL_ONLY=1" if trainer == "ZeroshotCLIP" else ""
     assert wrapper_lines(folder, protocol) == [
         "#!/usr/bin/env bash",
-        f"export TRAINER={trainer}{extra}",
-        f'export CFG="${{CFG:-{cfg}}}"',
+        f"export TRAINER={trainer}",
         f'exec bash "$(dirname "$0")/../protocols/{protocol}.sh" "$@"',
     ]
+    spec = TRAINERS[trainer]
+    assert spec.default_config(protocol) == (cfg if protocol == "base2new" else xcfg)
+    assert spec.eval_only == (trainer == "ZeroshotCLIP")
 
 
-@pytest.mark.parametrize("protocol", WRAPPER_PROTOCOLS)
-@pytest.mark.parametrize("folder", sorted(WRAPPERS))
-def test_wrapper_config_exists(folder, protocol):
-    trainer, cfg, xcfg = WRAPPERS[folder]
+@pytest.mark.parametrize("protocol", (*WRAPPER_PROTOCOLS, "fewshot"))
+@pytest.mark.parametrize("trainer", sorted(TRAINERS))
+def test_default_config_exists(trainer, protocol):
+    name = TRAINERS[trainer].default_config(protocol)
     cfg_dir = REPO_ROOT / "configs" / "trainers" / trainer
-    name = cfg if protocol == "base2new" else xcfg
-    assert (cfg_dir / f"{name}.yaml").is_file(), (
-        f"scripts/{folder}/{protocol}.sh uses CFG {name}, not in {cfg_dir}"
-    )
+    assert (cfg_dir / f"{name}.yaml").is_file(), f"{trainer}'s default config {name} is not in {cfg_dir}"
 
 
 @pytest.mark.parametrize("protocol", WRAPPER_PROTOCOLS)
@@ -343,7 +342,7 @@ def test_fewshot_dry_run_commands(tmp_path, shots, expected):
         ("crossdata", [], {"DATA": None, "SOURCE": "toyrs"}, "export DATA="),  # targets are not toy
         ("base2new", ["nope"], {}, "unknown dataset 'nope'"),
         ("base2new", [], {}, "missing DATASET"),
-        ("base2new", ["toyrs"], {"TRAINER": None}, "TRAINER: is not set"),
+        ("base2new", ["toyrs"], {"TRAINER": None}, "TRAINER is not set"),
         (
             "base2new",
             ["toyrs"],
@@ -393,9 +392,9 @@ def test_no_comment_after_line_continuation():
 
 # ------------------------------------------------------------------------- execution with a fake interpreter
 FAKE_PYTHON = r"""#!/usr/bin/env bash
-# Records every call but -c (the scripts read yaml values with it); train.py writes results.json (or fails
-# when FAKE_FAIL matches the output folder); -m MODULE does nothing.
-if [[ ${1:-} == -c ]]; then exec "$REAL_PYTHON" "$@"; fi
+# Records every call but the planner's (the scripts plan with `-m tools.protocol`); train.py writes
+# results.json (or fails when FAKE_FAIL matches the output folder); -m MODULE does nothing.
+if [[ ${1:-} == -m && ${2:-} == tools.protocol ]]; then exec "$REAL_PYTHON" "$@"; fi
 printf '%s\n' "$*" >> "$FAKE_LOG"
 if [[ ${1:-} == train.py ]]; then
     out=""
