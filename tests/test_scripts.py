@@ -366,7 +366,8 @@ def test_bad_input_is_named(tmp_path, script, args, env, message):
     if env.get("CFG") == "@nomax":
         env["CFG"] = str(trainer_cfg(tmp_path, max_epoch=None, name="nomax"))
     proc = run_script(PROTOCOLS / f"{script}.sh", *args, tmp_path=tmp_path, DRY_RUN="1", **env)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr  # one line
     assert message in proc.stderr
     assert "train.py" not in proc.stdout
 
@@ -391,33 +392,6 @@ def test_no_comment_after_line_continuation():
 
 
 # ------------------------------------------------------------------------- execution with a fake interpreter
-FAKE_PYTHON = r"""#!/usr/bin/env bash
-# Records every call but the planner's (the scripts plan with `-m tools.protocol`); train.py writes
-# results.json (or fails when FAKE_FAIL matches the output folder); -m MODULE does nothing.
-if [[ ${1:-} == -m && ${2:-} == tools.protocol ]]; then exec "$REAL_PYTHON" "$@"; fi
-printf '%s\n' "$*" >> "$FAKE_LOG"
-if [[ ${1:-} == train.py ]]; then
-    out=""
-    while (($#)); do [[ $1 == --output-dir ]] && out=$2; shift; done
-    if [[ -n ${FAKE_FAIL:-} && $out == *"$FAKE_FAIL"* ]]; then exit 3; fi
-    mkdir -p "$out" && echo '{}' > "$out/results.json"
-    exit 0
-fi
-exit 0
-"""
-
-
-@pytest.fixture
-def fake_python(tmp_path):
-    path = tmp_path / "bin" / "python"
-    path.parent.mkdir()
-    path.write_text(FAKE_PYTHON)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    log = tmp_path / "calls.log"
-    env = {"PYTHON": str(path), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(log)}
-    return env, log
-
-
 def test_execution_order_pre_step_and_skip(tmp_path, fake_python):
     env, log = fake_python
     (tmp_path / "data" / "ToyRS" / "images").mkdir(parents=True)  # ToyRS exists: not generated again
@@ -513,3 +487,8 @@ def test_coop_base2new_end_to_end(tmp_path):
     assert (base["subsample"], base["epoch"], base["trainer"]) == ("base", 1, "CoOp")
     assert (new["subsample"], new["epoch"], new["protocol"]) == ("new", 1, "base2new")
     assert "HM" in proc.stdout
+    # the config train.py recorded answers for the runs: other options stop the script, naming the key
+    args[args.index("OPTIM.MAX_EPOCH") + 1] = "2"
+    proc = run_script(SCRIPTS / "coop" / "base2new.sh", *args, tmp_path=tmp_path, **env)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: 2 finished runs recorded other values of"), proc.stderr
+    assert "OPTIM.MAX_EPOCH: 1 -> 2" in proc.stderr and "FORCE=1" in proc.stderr

@@ -281,9 +281,9 @@ def trainer_spec(name: str, root: Path = REPO_ROOT) -> TrainerSpec | None:
     raises PlanError for a trainer that no module of ``trainers/`` registers."""
     registered = registered_trainers(root)
     if name not in registered:
-        close = difflib.get_close_matches(name, registered, n=1, cutoff=0.5) or [
-            r for r in registered if r.lower() == name.lower()
-        ]
+        close = [r for r in registered if r.lower() == name.lower()] or difflib.get_close_matches(
+            name, registered, n=1, cutoff=0.5
+        )
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise PlanError(
             f"unknown trainer '{name}'{hint}; registered trainers: {', '.join(registered)}; set TRAINER to one of them"
@@ -338,7 +338,7 @@ def check_locations(data: Path, output: Path, creates_data: bool = False) -> Non
         if not data.is_dir():
             raise PlanError(f"DATA={data} is not a folder; {fix}")
         if not os.access(data, os.R_OK | os.X_OK):
-            raise PlanError(f"DATA={data} is not readable by this user; {fix}, or fix its permissions")
+            raise PlanError(f"DATA={data} is not readable; {fix}, or fix its permissions")
         if creates_data and not os.access(data, os.W_OK):
             raise PlanError(f"DATA={data} is not writable and ToyRS must be generated into it; set DATA to a writable folder")
     elif creates_data:
@@ -353,7 +353,7 @@ def check_locations(data: Path, output: Path, creates_data: bool = False) -> Non
         if not output.is_dir():
             raise PlanError(f"OUTPUT={output} is not a folder; set OUTPUT to a writable folder")
         if not os.access(output, os.W_OK | os.X_OK):
-            raise PlanError(f"OUTPUT={output} is not writable by this user; set OUTPUT to a writable folder")
+            raise PlanError(f"OUTPUT={output} is not writable; set OUTPUT to a writable folder")
     else:
         parent = _nearest_existing(output)
         if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
