@@ -248,9 +248,9 @@ class Plan:
                 index[step.key] = step
             elif step.is_run and mine.commands != step.commands:
                 raise PlanError(
-                    f"two runs of the sweep write {step.output_dir} with different commands (e.g. two transfer "
-                    "sources with one target: target folders do not name the source); split the sweep or use "
-                    "another output folder for one of them"
+                    f"two runs of the sweep write {step.output_dir} with different commands (a trainer and config "
+                    "listed twice with other options, or two transfer sources with a common target: target folders "
+                    "do not name the source); give one of them another config or output folder"
                 )
             elif not step.is_run and mine != step:
                 extra = tuple(c for c in step.commands if c not in mine.commands)
