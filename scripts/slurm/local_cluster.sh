@@ -129,6 +129,12 @@ start() {
     DIR=$(realpath -m "$1")
     mkdir -p "$DIR"
     [[ -z $(ls -A "$DIR") ]] || die "$DIR is not empty; give a new or empty folder (stop a cluster with: $0 stop $DIR)"
+    chmod 755 "$DIR" # munged serves its socket only from folders that everyone may enter
+    local up=$DIR
+    while [[ $up != / ]]; do
+        up=$(dirname "$up")
+        [[ $(stat -c %A "$up") == ?????????[xt] ]] || die "munged needs every folder above $DIR to be enterable by all; $up is not: give a folder under /tmp"
+    done
     local cmd
     for cmd in munged mungekey mariadbd mariadb-install-db mariadb-admin slurmdbd slurmctld slurmd sinfo; do
         command -v "$cmd" >/dev/null || die "$cmd not found; install the packages first: $0 install"
