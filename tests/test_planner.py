@@ -138,6 +138,7 @@ def test_script_stops_with_the_differing_keys_then_force_reruns(tmp_path, fake_p
     assert proc.returncode == 0, proc.stderr
     calls = log.read_text().splitlines()
     assert [("--eval-only" in c, "OPTIM.MAX_EPOCH 5" in c) for c in calls[:2]] == [(False, True), (True, True)]
+    assert f"deleting the old results of {old} before its rerun" in proc.stderr
     assert not (old / "config.yaml").exists()  # the fake train.py writes results.json only: the folder was cleared
     assert (old / "results.json").read_text().strip() == "{}"
 

@@ -231,12 +231,11 @@ class Plan:
         """Finished runs whose recorded config differs from the asked one."""
         return [s for s in self.steps if s.status == CHANGED]
 
-    def pending(self, keep_prepare: bool = False) -> list[Step]:
-        """Steps to execute: every run not finished, and the pre-steps a pending run waits for (all of them
-        with ``keep_prepare``)."""
+    def pending(self) -> list[Step]:
+        """Steps to execute: every run not finished, and the pre-steps a pending run waits for."""
         todo = [s for s in self.runs if s.status != FINISHED]
         needed = {d for s in todo for d in s.deps}
-        return [s for s in self.steps if (not s.is_run and (keep_prepare or s.key in needed)) or s in todo]
+        return [s for s in self.steps if (not s.is_run and s.key in needed) or s in todo]
 
     def merge(self, other: Plan) -> None:
         """Add the steps and summaries of ``other``; a step already present must be the same."""

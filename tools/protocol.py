@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tools.executors import clear_old_results
 from tools.planner import (
     FINISHED,
     PROTOCOLS,
@@ -128,9 +128,8 @@ def execute(the_plan: Plan, dry_run: bool) -> int:
         if step.is_run and step.status == FINISHED:
             logger.info("skip (finished): %s", step.output_dir)
             continue
-        if not dry_run and step.replace and step.output_dir is not None:
-            logger.info("rerun: deleting the old results of %s", step.output_dir)
-            shutil.rmtree(step.output_dir)
+        if not dry_run:
+            clear_old_results(step)
         for command in step.commands:
             code = run_command(command, dry_run)
             if code:
@@ -161,11 +160,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                          "(run through scripts/<trainer>/<protocol>.sh)\n")  # fmt: skip
         return 2
     protocol, script, args = argv[0], argv[1], argv[2:]
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[{protocol}] %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format=f"[{protocol}] %(message)s", stream=sys.stderr)
     dry_run, force = _flag(env, "DRY_RUN"), _flag(env, "FORCE")
     try:
         request = request_from_env(protocol, script, args, env)
