@@ -175,7 +175,7 @@ def test_missing_data_stops_before_any_run(tmp_path, fake_python):
     proc = run_script(SCRIPTS / "coop" / "base2new.sh", "patternnet", "1", tmp_path=tmp_path,
                       DATA=str(tmp_path / "nowhere"), **env)  # fmt: skip
     line = error_line(proc)
-    assert f"DATA={tmp_path / 'nowhere'} does not exist" in line and "DATASETS.md" in line
+    assert f"DATA={tmp_path / 'nowhere'} does not exist" in line and "docs/datasets.md" in line
     assert not log.exists()
 
 

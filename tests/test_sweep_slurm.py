@@ -77,9 +77,9 @@ def test_sweep_through_slurm_job_arrays(tmp_path, slurm_cluster):
     out = tmp_path / "out"
     where = ["--output", str(out), "--data", str(tmp_path / "data")]
 
-    proc = sweep_cli("submit", str(sweep), *where, "--time", "10", "--cpus-per-task", "1", env=slurm_cluster)
+    proc = sweep_cli("submit", str(sweep), *where, "--time", "30", "--cpus-per-task", "1", env=slurm_cluster)
     assert proc.returncode == 0, proc.stderr
-    assert time.monotonic() - t0 < 60  # submit returns at once
+    assert not (out / COOP.replace("train_base", "test_new")).exists()  # submit returned before the runs ended
     (record,) = json.loads((out / "slurm" / "jobs.json").read_text())
     arrays = {a["phase"]: a for a in record["arrays"]}
     assert list(arrays) == ["prepare", "train", "eval"]
@@ -89,7 +89,7 @@ def test_sweep_through_slurm_job_arrays(tmp_path, slurm_cluster):
 
     # the signal SLURM sends before a time limit (or a preemption), mid-training: submitit requeues the task
     coop = out / COOP
-    _wait_for(lambda: (coop / "prompt_learner" / "checkpoint").exists(), 300, "CoOp's first epoch checkpoint")
+    _wait_for(lambda: (coop / "prompt_learner" / "checkpoint").exists(), 900, "CoOp's first epoch checkpoint")
     mid_training = not (coop / "results.json").exists()
     task = next(t for t, key in arrays["train"]["tasks"].items() if key == COOP)
     job = f"{arrays['train']['job_id']}_{task}"
@@ -97,8 +97,8 @@ def test_sweep_through_slurm_job_arrays(tmp_path, slurm_cluster):
                             text=True, timeout=60)  # fmt: skip
     assert signal.returncode == 0, signal.stderr
 
-    proc = sweep_cli("status", str(sweep), *where, "--wait", "--interval", "1", "--timeout", "600", env=slurm_cluster,
-                     timeout=700)  # fmt: skip
+    proc = sweep_cli("status", str(sweep), *where, "--wait", "--interval", "1", "--timeout", "1200",
+                     env=slurm_cluster, timeout=1300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = table(proc.stdout, "phase")
     assert rows["prepare"][:2] == ["1", "1"] and rows["train"][:2] == ["2", "2"] and rows["eval"][:2] == ["2", "2"]

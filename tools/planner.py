@@ -332,7 +332,7 @@ def _nearest_existing(path: Path) -> Path:
 def check_locations(data: Path, output: Path, creates_data: bool = False) -> None:
     """Before any work: DATA is a readable folder (or, when ToyRS is generated into it, can be created) and
     OUTPUT is a writable folder or can be created."""
-    fix = "set DATA to the folder holding the dataset folders (PatternNet/, RSICD/, ...; see DATASETS.md)"
+    fix = "set DATA to the folder holding the dataset folders (PatternNet/, RSICD/, ...; see docs/datasets.md)"
     if data.exists():
         if not data.is_dir():
             raise PlanError(f"DATA={data} is not a folder; {fix}")

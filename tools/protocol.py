@@ -87,7 +87,7 @@ def request_from_env(protocol: str, script: str, args: Sequence[str], env: Mappi
         if any(d != TOY_DATASET for d in datasets):
             raise PlanError(
                 "DATA is not set: export DATA=/path/to/datasets (the folder holding PatternNet/, RSICD/, ...; see "
-                "DATASETS.md), or run on the offline dataset toyrs"
+                "docs/datasets.md), or run on the offline dataset toyrs"
             )
         data = "./data"
     shots_text = env.get("SHOTS", "")

@@ -290,7 +290,7 @@ def _checked_plan(sweep: Sweep, force: bool) -> Plan:
     """The plan, after the checks that come before any work: changed runs, DATA and OUTPUT."""
     if sweep.data is None:
         raise PlanError("DATA is not set: give --data /path/to/datasets, a 'data:' line in the sweep file, or "
-                        "export DATA (the folder holding PatternNet/, RSICD/, ...; see DATASETS.md)")  # fmt: skip
+                        "export DATA (the folder holding PatternNet/, RSICD/, ...; see docs/datasets.md)")  # fmt: skip
     the_plan = sweep.plan()
     if the_plan.changed and not force:
         raise changed_error(the_plan.changed, "--force")
