@@ -219,6 +219,13 @@ def test_interrupt_stops_children_and_their_children(tmp_path, sig):
     assert not (tmp_path / "pids2").exists()
 
 
+@pytest.mark.parametrize(("text", "minutes"), [("90", 90), ("1:30", 2), ("2:00:00", 120), ("1-00", 1440),
+                                               ("1-2:30", 1590), ("0:00:59", 1)])  # fmt: skip
+def test_slurm_time_limits_in_minutes(text, minutes):
+    slurm = pytest.importorskip("tools.executors.slurm", reason="submitit is not installed")
+    assert slurm.parse_time(text) == minutes
+
+
 # ------------------------------------------------------------------------------- the command line
 def test_run_with_fake_gpus_then_again_launches_nothing(tmp_path, fake_python):
     env, log = fake_python
@@ -239,6 +246,10 @@ def test_run_with_fake_gpus_then_again_launches_nothing(tmp_path, fake_python):
     assert proc.returncode == 0, proc.stderr
     assert "nothing to run: all 8 runs are finished" in proc.stderr
     assert log.read_text().splitlines() == calls  # launched nothing
+    status = sweep_cli("status", *args[1:6], env=env)
+    assert status.returncode == 0, status.stderr
+    rows = table(status.stdout, "phase")
+    assert rows["train"][:2] == ["4", "4"] and rows["eval"][:2] == ["4", "4"]  # steps, finished
 
 
 def test_run_reports_failed_runs_and_their_logs(tmp_path, fake_python):

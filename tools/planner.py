@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import difflib
 import json
-import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("base2new", "crossdata", "domaingen", "fewshot")
@@ -214,13 +211,6 @@ class Plan:
     summaries: list[tuple[str, ...]] = field(default_factory=list)
     unverified: list[Path] = field(default_factory=list)  # finished runs without a config.yaml to compare
 
-    def step(self, key: str) -> Step:
-        """The step with ``key``."""
-        return self._index()[key]
-
-    def _index(self) -> dict[str, Step]:
-        return {s.key: s for s in self.steps}
-
     @property
     def runs(self) -> list[Step]:
         """The train.py runs."""
@@ -231,15 +221,20 @@ class Plan:
         """Finished runs whose recorded config differs from the asked one."""
         return [s for s in self.steps if s.status == CHANGED]
 
+    def notes(self) -> list[str]:
+        """What the caller should tell before running: finished runs reused without a config to compare."""
+        return [f"note: {p} has results.json but no config.yaml: reused without comparing its config"
+                for p in self.unverified]  # fmt: skip
+
     def pending(self) -> list[Step]:
         """Steps to execute: every run not finished, and the pre-steps a pending run waits for."""
-        todo = [s for s in self.runs if s.status != FINISHED]
-        needed = {d for s in todo for d in s.deps}
-        return [s for s in self.steps if (not s.is_run and s.key in needed) or s in todo]
+        todo = {s.key for s in self.runs if s.status != FINISHED}
+        needed = {d for s in self.steps if s.key in todo for d in s.deps}
+        return [s for s in self.steps if s.key in todo or (not s.is_run and s.key in needed)]
 
     def merge(self, other: Plan) -> None:
         """Add the steps and summaries of ``other``; a step already present must be the same."""
-        index = self._index()
+        index = {s.key: s for s in self.steps}
         for step in other.steps:
             mine = index.get(step.key)
             if mine is None:
@@ -259,6 +254,11 @@ class Plan:
         self.summaries += [s for s in other.summaries if s not in self.summaries]
         self.unverified += [p for p in other.unverified if p not in self.unverified]
         self.steps.sort(key=lambda s: s.is_run)  # pre-steps first; stable otherwise
+
+
+def generates_data(steps: Iterable[Step]) -> bool:
+    """True when one of ``steps`` generates a dataset into DATA (ToyRS), which DATA must then allow."""
+    return any(c[1:3] == ("-m", "tools.prepare_data") for s in steps for c in s.commands)
 
 
 # ---------------------------------------------------------------------------------------------- checks

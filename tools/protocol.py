@@ -30,6 +30,7 @@ from tools.planner import (
     changed_error,
     check_datasets,
     check_locations,
+    generates_data,
     plan,
     registered_trainers,
     resolve_config,
@@ -168,11 +169,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         the_plan = plan(request)
         if the_plan.changed and not force:
             raise changed_error(the_plan.changed, "FORCE=1")
-        for path in the_plan.unverified:
-            logger.info("note: %s has results.json but no config.yaml: reused without comparing its config", path)
+        for note in the_plan.notes():
+            logger.info("%s", note)
         if not dry_run:
-            generates = any(c[1:3] == ("-m", "tools.prepare_data") for s in the_plan.steps for c in s.commands)
-            check_locations(request.data, request.output, creates_data=generates)
+            check_locations(request.data, request.output, creates_data=generates_data(the_plan.steps))
     except PlanError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -42,6 +42,7 @@ from tools.planner import (
     Step,
     changed_error,
     check_locations,
+    generates_data,
     plan,
 )
 
@@ -282,7 +283,7 @@ def cmd_plan(sweep: Sweep, args: argparse.Namespace) -> int:
         for step in the_plan.steps:
             if step.key in todo:
                 for command in step.commands:
-                    _out(" ".join(command))
+                    _out(shlex.join(command))
     return 0
 
 
@@ -294,10 +295,9 @@ def _checked_plan(sweep: Sweep, force: bool) -> Plan:
     the_plan = sweep.plan()
     if the_plan.changed and not force:
         raise changed_error(the_plan.changed, "--force")
-    generates = any(c[1:3] == ("-m", "tools.prepare_data") for s in the_plan.pending() for c in s.commands)
-    check_locations(sweep.data, sweep.output, creates_data=generates)
-    for path in the_plan.unverified:
-        logger.info("note: %s has results.json but no config.yaml: reused without comparing its config", path)
+    check_locations(sweep.data, sweep.output, creates_data=generates_data(the_plan.pending()))
+    for note in the_plan.notes():
+        logger.info("%s", note)
     return the_plan
 
 

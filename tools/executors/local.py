@@ -65,9 +65,9 @@ def make_slots(gpus: str | None, jobs: int | None, environ: Mapping[str, str] | 
         if jobs < 1:
             raise PlanError(f"--jobs {jobs}: give a positive number of parallel runs")
     elif gpus is not None:
-        ids = [g.strip() for g in gpus.split(",") if g.strip()]
-        if not ids or not all(g.isdigit() for g in ids):
-            raise PlanError(f"--gpus '{gpus}': give GPU ids separated by commas, e.g. --gpus 0,1,2,3")
+        ids = [g.strip() for g in gpus.split(",")]
+        if not all(ids) or any(" " in g for g in ids):
+            raise PlanError(f"--gpus '{gpus}': give GPU ids (or UUIDs) separated by commas, e.g. --gpus 0,1,2,3")
         return [Slot(f"GPU {g}", {"CUDA_VISIBLE_DEVICES": g}) for g in ids]
     else:
         found = visible_gpus(environ)
@@ -174,8 +174,11 @@ class _Progress:
             eta = _hms(mean * (pending + running) / max(1, min(self.slots, pending + running)))
         line = (f"[sweep] {done}/{self.total} done, {running} running, {failed} failed, {pending} pending | "
                 f"{_hms(time.monotonic() - self.start)} elapsed, ETA {eta}")  # fmt: skip
-        sys.stderr.write(("\r\033[K" + line) if self.tty else line + "\n")
-        sys.stderr.flush()
+        if self.tty:  # a status line rewritten in place, not a log record
+            sys.stderr.write("\r\033[K" + line)
+            sys.stderr.flush()
+        else:
+            logger.info("%s", line)
 
     def end(self) -> None:
         if self.tty and self.counts:
