@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO_ROOT
 from test_scripts import PROTOCOLS, SCRIPTS, run_script, trainer_cfg
 
-from tools.planner import CHANGED, FINISHED, PENDING, TRAINERS, Request, plan, registered_trainers
+from tools.planner import CHANGED, FINISHED, PENDING, TRAINERS, PlanError, Request, plan, registered_trainers
 
 TRAIN = "base2new/train_base/toyrs/shots_16/CoOp/mycfg/seed1"
 TEST = "base2new/test_new/toyrs/shots_16/CoOp/mycfg/seed1"
@@ -161,6 +161,19 @@ def test_unknown_trainer_is_named_with_the_registered_ones(tmp_path):
     assert "unknown trainer 'Coop' (did you mean CoOp?)" in line
     assert all(name in line for name in registered_trainers())
     assert "(none)" not in line
+
+
+def test_registered_trainer_without_configs_asks_for_a_config_file(tmp_path):
+    """A trainer a module registers, with no default in the planner and no configs/trainers/<Name>/ folder."""
+    (tmp_path / "trainers").mkdir()
+    (tmp_path / "trainers" / "fresh.py").write_text("@TRAINER_REGISTRY.register()\nclass Fresh:\n    pass\n")
+    (tmp_path / "configs" / "datasets").mkdir(parents=True)
+    (tmp_path / "configs" / "datasets" / "toyrs.yaml").write_text("DATASET:\n  NAME: ToyRS\n")
+    assert registered_trainers(tmp_path) == ["Fresh"]
+    with pytest.raises(PlanError) as exc:
+        plan(request(tmp_path, trainer="Fresh", config="", root=tmp_path))
+    assert str(exc.value) == ("CFG is not set and the suite has no default config for Fresh; set CFG to the path "
+                              "of a .yaml file (Fresh has no configs/trainers/Fresh/)")  # fmt: skip
 
 
 def test_dataset_typo_without_data_is_an_unknown_dataset(tmp_path):

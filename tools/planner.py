@@ -293,12 +293,13 @@ def trainer_spec(name: str, root: Path = REPO_ROOT) -> TrainerSpec | None:
 def resolve_config(request: Request, spec: TrainerSpec | None) -> tuple[str, Path]:
     """(the config as commands name it, its path): a .yaml path, or a name in configs/trainers/<trainer>/."""
     config = request.config or (spec.default_config(request.protocol) if spec else "")
-    folder = request.root / "configs" / "trainers" / request.trainer
+    names = yaml_names(request.root / "configs" / "trainers" / request.trainer)
+    if names:
+        fix = f"set CFG to one of: {', '.join(names)}, or to the path of a .yaml file"
+    else:
+        fix = f"set CFG to the path of a .yaml file ({request.trainer} has no configs/trainers/{request.trainer}/)"
     if not config:
-        raise PlanError(
-            f"CFG is not set and the suite has no default config for {request.trainer}; set CFG to one of: "
-            f"{', '.join(yaml_names(folder)) or '(none yet)'}, or to the path of a .yaml file"
-        )
+        raise PlanError(f"CFG is not set and the suite has no default config for {request.trainer}; {fix}")
     if config.endswith(".yaml"):
         path = Path(config)
         shown = str(path)
@@ -306,11 +307,6 @@ def resolve_config(request: Request, spec: TrainerSpec | None) -> tuple[str, Pat
         shown = f"configs/trainers/{request.trainer}/{config}.yaml"
         path = request.root / shown
     if not path.is_file():
-        names = yaml_names(folder)
-        if names:
-            fix = f"set CFG to one of: {', '.join(names)}, or to the path of a .yaml file"
-        else:
-            fix = f"set CFG to the path of a .yaml file ({request.trainer} has no configs/trainers/{request.trainer}/)"
         raise PlanError(f"config {shown} does not exist; {fix}")
     return shown, path
 
