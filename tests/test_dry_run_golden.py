@@ -22,7 +22,7 @@ CLEARED = (
     "TRAINER", "CFG", "DATA", "OUTPUT", "PYTHON", "SHOTS", "BACKBONE", "OPTS", "LOAD_EPOCH", "EVAL_ONLY",
     "PRE_STEP", "DRY_RUN", "SOURCE", "TARGETS", "CAPTIONER", "CAPTION_ENCODER", "FORCE",
 )  # fmt: skip
-WRAPPERS = ("zsclip", "coop", "cocoop", "maple", "bimors")
+WRAPPERS = ("zsclip", "coop", "cocoop", "maple", "kgcoop", "promptsrc", "bimors")
 PROTOCOLS = ("base2new", "crossdata", "domaingen")
 TOY = {"BACKBONE": "toy", "SHOTS": "4", "OPTS": "TRAIN.PRINT_FREQ 1", "DATA": None}
 
