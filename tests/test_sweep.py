@@ -21,7 +21,7 @@ import yaml
 from conftest import REPO_ROOT, requires_dassl
 
 from tools.executors.local import make_slots, run_pool, summarize
-from tools.planner import Step
+from tools.planner import TRAINERS, Step
 
 SWEEPS = REPO_ROOT / "configs" / "sweeps"
 
@@ -76,12 +76,12 @@ def test_smoke_sweep_plan_lists_its_commands(tmp_path):
     proc = sweep_cli("plan", str(SWEEPS / "smoke.yaml"), "--output", str(tmp_path / "smoke"), "--data",
                      str(tmp_path / "data"), "--commands")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert table(proc.stdout, "phase")["total"] == ["21", "0", "0", "21"]  # ToyRS + captions, 10 trainings, 10 evals
+    assert table(proc.stdout, "phase")["total"] == ["29", "0", "0", "29"]  # ToyRS + captions, 14 trainings, 14 evals
     commands = [line.split() for line in proc.stdout.splitlines() if line.startswith(sys.executable)]
     assert [c[1:3] for c in commands[:2]] == [["-m", "tools.prepare_data"], ["-m", "tools.captions"]]
     trains = [c for c in commands if c[1] == "train.py"]
-    assert len(trains) == 20 and all(c[c.index("--root") + 1] == str(tmp_path / "data") for c in trains)
-    assert {c[c.index("--trainer") + 1] for c in trains} == {"ZeroshotCLIP", "CoOp", "CoCoOp", "MaPLe", "BiMoRS"}
+    assert len(trains) == 28 and all(c[c.index("--root") + 1] == str(tmp_path / "data") for c in trains)
+    assert {c[c.index("--trainer") + 1] for c in trains} == set(TRAINERS)  # every trainer of the suite
 
 
 @pytest.mark.parametrize(

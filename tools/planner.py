@@ -84,6 +84,8 @@ TRAINERS = {
         TrainerSpec("CoOp", "vit_b16_ep50_ctxv1"),
         TrainerSpec("CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1"),
         TrainerSpec("MaPLe", "vit_b16_c2_ep5_batch4_2ctx", transfer_config="vit_b16_c2_ep5_batch4_2ctx_cross_datasets"),
+        TrainerSpec("KgCoOp", "vit_b16_ep100_ctxv1"),
+        TrainerSpec("PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", transfer_config="vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets"),
         TrainerSpec("BiMoRS", "vit_b16_c4_ep10_batch4_ctxv1", captions=True),
     )
 }
