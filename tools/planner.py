@@ -21,14 +21,18 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("base2new", "crossdata", "domaingen", "fewshot")
@@ -321,40 +325,45 @@ def check_datasets(names: Iterable[str], root: Path = REPO_ROOT) -> None:
             raise PlanError(f"unknown dataset '{name}': no {dataset_file(name)}; choose one of: {valid}")
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+def _make_writable_folder(path: Path, name: str, why: str = "") -> None:
+    """Create ``path`` if needed and write a probe file into it; PlanError naming the cause otherwise (root
+    passes every permission check, so only a real write tells a read-only mount or a pseudo file system)."""
+    fix = f"set {name} to a writable folder"
+    if path.exists() and not path.is_dir():
+        raise PlanError(f"{name}={path} is not a folder; {fix}")
+    existed = path.is_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        raise PlanError(f"{name}={path} cannot be created in {parent} ({exc.strerror}){why}; {fix}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise PlanError(f"{name}={path} is not writable ({exc.strerror}){why}; {fix}") from None
+    if not existed:
+        logger.info("created %s=%s", name, path)
 
 
 def check_locations(data: Path, output: Path, creates_data: bool = False) -> None:
-    """Before any work: DATA is a readable folder (or, when ToyRS is generated into it, can be created) and
-    OUTPUT is a writable folder or can be created."""
+    """Before any work: DATA is a readable folder (and a writable one when ToyRS is generated into it) and
+    OUTPUT is a writable folder (both created if missing)."""
     fix = "set DATA to the folder holding the dataset folders (PatternNet/, RSICD/, ...; see docs/datasets.md)"
-    if data.exists():
-        if not data.is_dir():
-            raise PlanError(f"DATA={data} is not a folder; {fix}")
-        if not os.access(data, os.R_OK | os.X_OK):
-            raise PlanError(f"DATA={data} is not readable; {fix}, or fix its permissions")
-        if creates_data and not os.access(data, os.W_OK):
-            raise PlanError(f"DATA={data} is not writable and ToyRS must be generated into it; set DATA to a writable folder")
-    elif creates_data:
-        parent = _nearest_existing(data)
-        if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
-            raise PlanError(f"DATA={data} cannot be created ({parent} is not a writable folder); set DATA to a writable folder")
-    else:
+    if creates_data:
+        _make_writable_folder(data, "DATA", " and ToyRS must be generated into it")
+    elif not data.exists():
         raise PlanError(
             f"DATA={data} does not exist; {fix}, or prepare a dataset there with python -m tools.prepare_data NAME --root {data}"
         )
-    if output.exists():
-        if not output.is_dir():
-            raise PlanError(f"OUTPUT={output} is not a folder; set OUTPUT to a writable folder")
-        if not os.access(output, os.W_OK | os.X_OK):
-            raise PlanError(f"OUTPUT={output} is not writable; set OUTPUT to a writable folder")
-    else:
-        parent = _nearest_existing(output)
-        if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
-            raise PlanError(f"OUTPUT={output} cannot be created ({parent} is not a writable folder); set OUTPUT to a writable folder")
+    elif not data.is_dir():
+        raise PlanError(f"DATA={data} is not a folder; {fix}")
+    elif not os.access(data, os.R_OK | os.X_OK):
+        raise PlanError(f"DATA={data} is not readable; {fix}, or fix its permissions")
+    _make_writable_folder(output, "OUTPUT")
 
 
 def load_epoch(request: Request, opts: Sequence[str], config_path: Path) -> int:
