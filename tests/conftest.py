@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import stat
 import sys
 import zlib
 from pathlib import Path
@@ -217,3 +218,33 @@ def write_random_caption_store(root: Path, dim: int = 24, captioner: str = "toy-
     write_caption_features(path, torch.randn(len(relpaths), dim, generator=gen), relpaths,
                            {"captioner": captioner, "encoder": encoder})
     return path
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Records every call but the planner's (the scripts plan with `-m tools.protocol`); train.py writes
+# results.json and the CUDA_VISIBLE_DEVICES it saw (or fails when FAKE_FAIL matches the output folder);
+# -m MODULE does nothing.
+if [[ ${1:-} == -m && ${2:-} == tools.protocol ]]; then exec "$REAL_PYTHON" "$@"; fi
+printf '%s\n' "$*" >> "$FAKE_LOG"
+if [[ ${1:-} == train.py ]]; then
+    out=""
+    while (($#)); do [[ $1 == --output-dir ]] && out=$2; shift; done
+    if [[ -n ${FAKE_FAIL:-} && $out == *"$FAKE_FAIL"* ]]; then exit 3; fi
+    mkdir -p "$out" && echo '{}' > "$out/results.json"
+    printf '%s\n' "${CUDA_VISIBLE_DEVICES-unset}" > "$out/cuda_visible_devices"
+    exit 0
+fi
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path) -> tuple[dict[str, str], Path]:
+    """A fake interpreter for the protocol scripts and sweeps: (its environment variables, its call log)."""
+    path = tmp_path / "bin" / "python"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(FAKE_PYTHON)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "calls.log"
+    env = {"PYTHON": str(path), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(log)}
+    return env, log

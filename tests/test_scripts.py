@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, requires_dassl
 
+from tools.planner import TRAINERS
 from train import build_parser
 
 SCRIPTS = REPO_ROOT / "scripts"
@@ -99,27 +100,25 @@ def wrapper_lines(folder: str, protocol: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------- wrappers
 @pytest.mark.parametrize("protocol", WRAPPER_PROTOCOLS)
 @pytest.mark.parametrize("folder", sorted(WRAPPERS))
-def test_wrapper_is_trainer_cfg_exec(folder, protocol):
+def test_wrapper_is_trainer_exec(folder, protocol):
+    """A wrapper names its trainer and hands over to the protocol; the planner knows the trainer's configs."""
     trainer, cfg, xcfg = WRAPPERS[folder]
-    cfg = cfg if protocol == "base2new" else xcfg
-    extra = " EVAL_ONLY=1" if trainer == "ZeroshotCLIP" else ""
     assert wrapper_lines(folder, protocol) == [
         "#!/usr/bin/env bash",
-        f"export TRAINER={trainer}{extra}",
-        f'export CFG="${{CFG:-{cfg}}}"',
+        f"export TRAINER={trainer}",
         f'exec bash "$(dirname "$0")/../protocols/{protocol}.sh" "$@"',
     ]
+    spec = TRAINERS[trainer]
+    assert spec.default_config(protocol) == (cfg if protocol == "base2new" else xcfg)
+    assert spec.eval_only == (trainer == "ZeroshotCLIP")
 
 
-@pytest.mark.parametrize("protocol", WRAPPER_PROTOCOLS)
-@pytest.mark.parametrize("folder", sorted(WRAPPERS))
-def test_wrapper_config_exists(folder, protocol):
-    trainer, cfg, xcfg = WRAPPERS[folder]
+@pytest.mark.parametrize("protocol", (*WRAPPER_PROTOCOLS, "fewshot"))
+@pytest.mark.parametrize("trainer", sorted(TRAINERS))
+def test_default_config_exists(trainer, protocol):
+    name = TRAINERS[trainer].default_config(protocol)
     cfg_dir = REPO_ROOT / "configs" / "trainers" / trainer
-    name = cfg if protocol == "base2new" else xcfg
-    assert (cfg_dir / f"{name}.yaml").is_file(), (
-        f"scripts/{folder}/{protocol}.sh uses CFG {name}, not in {cfg_dir}"
-    )
+    assert (cfg_dir / f"{name}.yaml").is_file(), f"{trainer}'s default config {name} is not in {cfg_dir}"
 
 
 @pytest.mark.parametrize("protocol", WRAPPER_PROTOCOLS)
@@ -345,7 +344,7 @@ def test_fewshot_dry_run_commands(tmp_path, shots, expected):
         ("crossdata", [], {"DATA": None, "SOURCE": "toyrs"}, "export DATA="),  # targets are not toy
         ("base2new", ["nope"], {}, "unknown dataset 'nope'"),
         ("base2new", [], {}, "missing DATASET"),
-        ("base2new", ["toyrs"], {"TRAINER": None}, "TRAINER: is not set"),
+        ("base2new", ["toyrs"], {"TRAINER": None}, "TRAINER is not set"),
         (
             "base2new",
             ["toyrs"],
@@ -369,7 +368,8 @@ def test_bad_input_is_named(tmp_path, script, args, env, message):
     if env.get("CFG") == "@nomax":
         env["CFG"] = str(trainer_cfg(tmp_path, max_epoch=None, name="nomax"))
     proc = run_script(PROTOCOLS / f"{script}.sh", *args, tmp_path=tmp_path, DRY_RUN="1", **env)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr  # one line
     assert message in proc.stderr
     assert "train.py" not in proc.stdout
 
@@ -394,33 +394,6 @@ def test_no_comment_after_line_continuation():
 
 
 # ------------------------------------------------------------------------- execution with a fake interpreter
-FAKE_PYTHON = r"""#!/usr/bin/env bash
-# Records every call but -c (the scripts read yaml values with it); train.py writes results.json (or fails
-# when FAKE_FAIL matches the output folder); -m MODULE does nothing.
-if [[ ${1:-} == -c ]]; then exec "$REAL_PYTHON" "$@"; fi
-printf '%s\n' "$*" >> "$FAKE_LOG"
-if [[ ${1:-} == train.py ]]; then
-    out=""
-    while (($#)); do [[ $1 == --output-dir ]] && out=$2; shift; done
-    if [[ -n ${FAKE_FAIL:-} && $out == *"$FAKE_FAIL"* ]]; then exit 3; fi
-    mkdir -p "$out" && echo '{}' > "$out/results.json"
-    exit 0
-fi
-exit 0
-"""
-
-
-@pytest.fixture
-def fake_python(tmp_path):
-    path = tmp_path / "bin" / "python"
-    path.parent.mkdir()
-    path.write_text(FAKE_PYTHON)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    log = tmp_path / "calls.log"
-    env = {"PYTHON": str(path), "REAL_PYTHON": sys.executable, "FAKE_LOG": str(log)}
-    return env, log
-
-
 def test_execution_order_pre_step_and_skip(tmp_path, fake_python):
     env, log = fake_python
     (tmp_path / "data" / "ToyRS" / "images").mkdir(parents=True)  # ToyRS exists: not generated again
@@ -516,3 +489,8 @@ def test_coop_base2new_end_to_end(tmp_path):
     assert (base["subsample"], base["epoch"], base["trainer"]) == ("base", 1, "CoOp")
     assert (new["subsample"], new["epoch"], new["protocol"]) == ("new", 1, "base2new")
     assert "HM" in proc.stdout
+    # the config train.py recorded answers for the runs: other options stop the script, naming the key
+    args[args.index("OPTIM.MAX_EPOCH") + 1] = "2"
+    proc = run_script(SCRIPTS / "coop" / "base2new.sh", *args, tmp_path=tmp_path, **env)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: 2 finished runs recorded other values of"), proc.stderr
+    assert "OPTIM.MAX_EPOCH: 1 -> 2" in proc.stderr and "FORCE=1" in proc.stderr

@@ -1,5 +1,3 @@
 #!/usr/bin/env bash
-export TRAINER=BiMoRS CFG="${CFG:-vit_b16_c4_ep10_batch4_ctxv1}" PROTOCOL_NAME=crossdata
-# shellcheck source=scripts/bimors/env.sh
-source "$(dirname "$0")/env.sh"
+export TRAINER=BiMoRS
 exec bash "$(dirname "$0")/../protocols/crossdata.sh" "$@"

@@ -5,7 +5,7 @@
 #   DATASET    name of a file in configs/datasets/ (patternnet, rsicd, resisc45, mlrsnet, ..., toyrs)
 #   SEEDS      default 1 2 3
 #   KEY VALUE  config options appended to every train.py command (e.g. -- OPTIM.MAX_EPOCH 5)
-# The wrapper sets TRAINER and CFG (TRAINER=... CFG=... scripts/protocols/base2new.sh works too).
+# The wrapper sets TRAINER (TRAINER=... [CFG=...] scripts/protocols/base2new.sh works too).
 # Per seed, with K = SHOTS (default 16):
 #   train on base  $OUTPUT/base2new/train_base/DATASET/shots_K/TRAINER/CFG/seedS  (Dassl tests it on base)
 #   test on new    $OUTPUT/base2new/test_new/DATASET/shots_K/TRAINER/CFG/seedS   (--eval-only, last epoch)
@@ -17,13 +17,4 @@ PROTOCOL=base2new
 # shellcheck source=scripts/protocols/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-parse_args 1 "$@"
-setup "$DATASET"
-resolve_load_epoch
-prepare "$DATASET"
-for seed in "${SEEDS[@]}"; do
-    train_dir=$(run_dir train_base "$DATASET" "$seed")
-    train_py "$train_dir" "$DATASET" "$seed" base ""
-    train_py "$(run_dir test_new "$DATASET" "$seed")" "$DATASET" "$seed" new "$train_dir"
-done
-summarize "$OUTPUT/$PROTOCOL/train_base/$DATASET" "$OUTPUT/$PROTOCOL/test_new/$DATASET"
+protocol_main "$@"

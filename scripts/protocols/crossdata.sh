@@ -18,4 +18,4 @@ PROTOCOL=crossdata
 # shellcheck source=scripts/protocols/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-run_transfer patternnet "rsicd resisc45 mlrsnet" "$@"
+protocol_main "$@"

@@ -18,4 +18,4 @@ PROTOCOL=domaingen
 # shellcheck source=scripts/protocols/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-run_transfer patternnetv2 "rsicdv2 resisc45v2 mlrsnetv2" "$@"
+protocol_main "$@"

@@ -12,18 +12,7 @@
 # Example: DATA=/data TRAINER=CoOp CFG=vit_b16_ep50_ctxv1 scripts/protocols/fewshot.sh patternnet
 set -euo pipefail
 PROTOCOL=fewshot
-DEFAULT_SHOTS="1 2 4 8 16"
 # shellcheck source=scripts/protocols/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-parse_args 1 "$@"
-setup "$DATASET"
-for SHOTS in "${SHOTS_LIST[@]}"; do
-    prepare "$DATASET"
-done
-for seed in "${SEEDS[@]}"; do
-    for SHOTS in "${SHOTS_LIST[@]}"; do
-        train_py "$(run_dir train "$DATASET" "$seed")" "$DATASET" "$seed" all ""
-    done
-done
-summarize "$OUTPUT/$PROTOCOL/train/$DATASET"
+protocol_main "$@"
