@@ -4,6 +4,8 @@
 into the Python planner (``tools.planner``), for every ``scripts/<trainer>/<protocol>.sh`` and for
 ``scripts/protocols/fewshot.sh``, on real datasets (defaults), on ToyRS with every option that changes a
 command, and with a finished run in place. Paths are written with ``{PYTHON}`` and ``{TMP}`` placeholders.
+Changed on purpose since the recording: BiMoRS on ToyRS alone captions with the toy captioner and encoder
+(``bimors-*-toy``; tools.planner.TOY_CAPTION_MODELS).
 """
 
 from __future__ import annotations

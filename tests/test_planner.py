@@ -82,6 +82,23 @@ def test_plan_steps_phases_and_dependencies(tmp_path):
     assert {r.status for r in runs} == {PENDING}
 
 
+@pytest.mark.parametrize(("datasets", "asked", "expected"), [
+    (("toyrs",), ("", ""), ("toy-blip2", "toy-bert")),  # ToyRS alone: the offline toy models
+    (("toyrs",), ("my-blip", "my-bert"), ("my-blip", "my-bert")),  # CAPTIONER / CAPTION_ENCODER still win
+    (("rsicd",), ("", ""), ("Salesforce/blip2-flan-t5-xl", "bert-base-uncased")),  # real data: the config's
+])  # fmt: skip
+def test_bimors_captioner_defaults(tmp_path, datasets, asked, expected):
+    (tmp_path / "data").mkdir()
+    the_plan = plan(request(tmp_path, trainer="BiMoRS", config="", datasets=datasets, captioner=asked[0],
+                            caption_encoder=asked[1]))  # fmt: skip
+    prepare, train = the_plan.steps[:2]
+    captions = prepare.commands[-1]
+    assert captions[captions.index("--captioner") + 1 :][:3] == (expected[0], "--encoder", expected[1])
+    argv = train.commands[0]
+    assert argv[argv.index("TRAINER.BIMORS.CAPTIONER") + 1] == expected[0]
+    assert argv[argv.index("TRAINER.BIMORS.CAPTION_ENCODER") + 1] == expected[1]
+
+
 def test_trainer_table_names_registered_trainers():
     assert set(TRAINERS) <= set(registered_trainers())
     assert {"ZeroshotCLIP", "CoOp", "CoCoOp", "MaPLe", "BiMoRS"} <= set(TRAINERS)

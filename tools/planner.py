@@ -45,6 +45,9 @@ PHASES = ("prepare", "train", "eval")  # order of execution; a SLURM sweep submi
 DEFAULT_SEEDS = (1, 2, 3)
 DEFAULT_SHOTS = {"fewshot": (1, 2, 4, 8, 16)}  # other protocols: (16,)
 TOY_DATASET = "toyrs"  # generated offline by `python -m tools.prepare_data toyrs`, into DATA/ToyRS/images
+# Captioner and encoder of runs on ToyRS only (tiny random models, offline): captions of synthetic images by a
+# real BLIP-2 would mean nothing and need the hub. CAPTIONER / CAPTION_ENCODER still choose others.
+TOY_CAPTION_MODELS = ("toy-blip2", "toy-bert")
 TOY_IMAGES = "ToyRS/images"
 
 # Config keys the protocol owns, with the way to set them instead.
@@ -440,8 +443,14 @@ def plan(request: Request) -> Plan:
     pre_step = request.pre_step
     if captions:
         model = flatten(read_yaml(config_path))
-        captioner = request.captioner or str(model.get("TRAINER.BIMORS.CAPTIONER", ""))
-        encoder = request.caption_encoder or str(model.get("TRAINER.BIMORS.CAPTION_ENCODER", ""))
+        toy_only = set(request.datasets) == {TOY_DATASET}
+        captioner = request.captioner or (TOY_CAPTION_MODELS[0] if toy_only else "")
+        encoder = request.caption_encoder or (TOY_CAPTION_MODELS[1] if toy_only else "")
+        if toy_only and not (request.captioner and request.caption_encoder):
+            logger.info("ToyRS only: captions by the toy captioner/encoder (%s, %s) unless CAPTIONER/CAPTION_ENCODER "
+                        "are set", captioner, encoder)  # fmt: skip
+        captioner = captioner or str(model.get("TRAINER.BIMORS.CAPTIONER", ""))
+        encoder = encoder or str(model.get("TRAINER.BIMORS.CAPTION_ENCODER", ""))
         models = (("--captioner", captioner) if captioner else ()) + (("--encoder", encoder) if encoder else ())
         if pre_step is None:
             pre_step = (request.python, "-m", "tools.captions", *models)

@@ -2,10 +2,11 @@
 export TRAINER=BiMoRS
 # The embedded default: with no DATASET, the whole protocol runs offline on ToyRS (generated if absent) with
 # the random `toy` backbone and the tiny toy captioner/encoder, on CPU. It is a smoke run: its accuracies
-# mean nothing. (With a DATASET, captions come from CAPTIONER / CAPTION_ENCODER, default: the config's.)
+# mean nothing. (Captions come from CAPTIONER / CAPTION_ENCODER, default: the config's, or the toy ones for
+# ToyRS, tools/planner.py.)
 if [[ $# -eq 0 || ${1:-} == -- ]]; then
     set -- toyrs "$@"
-    export BACKBONE="${BACKBONE:-toy}" CAPTIONER="${CAPTIONER:-toy-blip2}" CAPTION_ENCODER="${CAPTION_ENCODER:-toy-bert}"
+    export BACKBONE="${BACKBONE:-toy}"
     export OPTS="${OPTS:-DATALOADER.NUM_WORKERS 2}"
     printf '%s\n' "[bimors] SMOKE RUN: no dataset given, so the BiMoRS base-to-new protocol runs offline on ToyRS" \
         "[bimors] with a RANDOM toy CLIP backbone and toy captioner/encoder: the numbers below mean nothing." \
