@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
-from models.encoders import TextEncoder, VisualEncoder, freeze, require_vit
+from models.encoders import FrozenImageModel, TextEncoder, VisualEncoder, freeze, require_vit
 from models.prompts import ClassPrompts, init_context, meta_net, per_image_logits
 
 logger = logging.getLogger(__name__)
@@ -99,12 +99,12 @@ class APPLeNetPromptLearner(nn.Module):
         return self.ctx.unsqueeze(0) + shift.unsqueeze(1)
 
 
-class APPLeNetModel(nn.Module):
+class APPLeNetModel(FrozenImageModel):
     """Frozen CLIP + :class:`APPLeNetPromptLearner`: ``forward(images) -> logits (B, C)``; ``training_loss``
-    adds the context-redundancy penalty (temperature ``temperature``, weight ``crp_weight``) to cross-entropy."""
+    adds the context-redundancy penalty (temperature ``temperature``, weight ``crp_weight``) to cross-entropy.
+    The image encoder's layer outputs are read, never changed."""
 
-    #: the image encoder is CLIP's, frozen and unprompted (its layer outputs are read, never changed)
-    IMAGE_ENCODER_PROMPTED = False
+    VISUAL_OUTPUTS = ("features", "layer_means")
 
     def __init__(
         self,
@@ -126,31 +126,23 @@ class APPLeNetModel(nn.Module):
         self.text_encoder = TextEncoder(clip_model)
         self.logit_scale = clip_model.logit_scale
 
-    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen image encoder (no autograd graph): normalised features (B, E), token means per layer (B, L, W)."""
-        with torch.no_grad():
-            means = []
-            for tokens in self.visual.layer_outputs(images):
-                means.append(tokens.mean(dim=1))
-            feats = self.visual.head(tokens)
-        return F.normalize(feats.float(), dim=-1), torch.stack(means, dim=1)
-
-    def forward_with_context(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, C) and each image's shifted context (B, n_ctx, D), which the penalty reads."""
-        feats, means = self.encode_images(images)
-        ctx = self.prompt_learner(feats, means)
+    def forward_with_context(self, visual: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, C) and each image's shifted context (B, n_ctx, D), which the penalty reads, from the image
+        encoder's outputs (features, per-layer token means)."""
+        feats = F.normalize(visual["features"].float(), dim=-1)
+        ctx = self.prompt_learner(feats, visual["layer_means"])
         prompts = self.prompt_learner.prompts
         return per_image_logits(self.text_encoder, prompts, self.logit_scale, feats, prompts.prefix(ctx)), ctx
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C)."""
-        return self.forward_with_context(images)[0]
+    def forward_visual(self, visual: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, C) from the image encoder's outputs."""
+        return self.forward_with_context(visual)[0]
 
     def training_loss(
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, logits (B, C), terms)`` of a training batch (:func:`applenet_loss`)."""
-        logits, ctx = self.forward_with_context(images)
+        logits, ctx = self.forward_with_context(self.encode_visual(images))
         loss, terms = applenet_loss(logits, labels, ctx, self.temperature, self.crp_weight)
         if not terms["crp_defined"]:
             self.undefined_penalties += 1

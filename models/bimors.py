@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.encoders import TextEncoder, VisualEncoder, freeze, require_vit
+from models.encoders import FrozenImageModel, TextEncoder, VisualEncoder, freeze, require_vit
 from models.prompts import ClassPrompts, init_context, meta_net, per_image_logits
 
 logger = logging.getLogger(__name__)
@@ -109,11 +109,10 @@ class BiMoRSPromptLearner(nn.Module):
         return self.cross_attn(ctx, torch.cat([visual, caption], dim=1))
 
 
-class BiMoRSModel(nn.Module):
+class BiMoRSModel(FrozenImageModel):
     """Frozen CLIP + :class:`BiMoRSPromptLearner`; ``forward(images, captions) -> logits (B, C)``."""
 
-    #: the image encoder is CLIP's, frozen and unprompted
-    IMAGE_ENCODER_PROMPTED = False
+    VISUAL_OUTPUTS = ("features", "tokens")
 
     def __init__(
         self,
@@ -134,14 +133,9 @@ class BiMoRSModel(nn.Module):
             clip_model, classnames, n_ctx, ctx_init, n_heads, caption_dim, caption_proj_trainable
         )
 
-    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen image encoder (no autograd graph): normalised features (B, E) and ViT tokens (B, T, W)."""
-        with torch.no_grad():
-            feats, tokens = self.visual(images)
-        return F.normalize(feats.float(), dim=-1), tokens
-
-    def forward(self, images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        feats, tokens = self.encode_images(images)
-        ctx = self.prompt_learner(tokens, captions)
+    def forward_visual(self, visual: dict[str, torch.Tensor], captions: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) from the image features, the ViT tokens and the caption vectors (B, caption_dim)."""
+        feats = F.normalize(visual["features"].float(), dim=-1)
+        ctx = self.prompt_learner(visual["tokens"], captions)
         prompts = self.prompt_learner.prompts
         return per_image_logits(self.text_encoder, prompts, self.logit_scale, feats, prompts.prefix(ctx))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
-from models.encoders import VisualEncoder, freeze
+from models.encoders import FrozenImageModel, VisualEncoder, freeze
 from models.prompts import template_text_features
 
 
@@ -44,11 +44,10 @@ class Adapter(nn.Module):
         return self.fc(x)
 
 
-class CLIPAdapterModel(nn.Module):
-    """Frozen CLIP, a learned feature adapter and a frozen template classifier: ``forward(images) -> logits (B, C)``."""
+class CLIPAdapterModel(FrozenImageModel):
+    """Frozen CLIP, a learned feature adapter and a frozen template classifier: ``forward(images) -> logits (B, C)``.
 
-    #: the image encoder is CLIP's, frozen and unprompted (the adapter acts on its output)
-    IMAGE_ENCODER_PROMPTED = False
+    The image encoder is CLIP's, frozen and unprompted: the adapter acts on its output."""
 
     def __init__(
         self, clip_model: nn.Module, classnames: Sequence[str], template: str, reduction: int = 4, ratio: float = 0.2
@@ -64,11 +63,9 @@ class CLIPAdapterModel(nn.Module):
         self.register_buffer("text_features", text, persistent=False)
         self.prompt_learner = Adapter(clip_model.visual.output_dim, reduction)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C)."""
-        with torch.no_grad():
-            feats, _ = self.visual(images)
-        feats = feats.to(self.prompt_learner.fc[0].weight.dtype)
+    def forward_visual(self, visual: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, C) from the image features."""
+        feats = visual["features"].to(self.prompt_learner.fc[0].weight.dtype)
         feats = self.ratio * self.prompt_learner(feats) + (1.0 - self.ratio) * feats
         feats = F.normalize(feats.float(), dim=-1)
         return self.logit_scale.exp().float() * feats @ self.text_features.t()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.encoders import TextEncoder, VisualEncoder, freeze
+from models.encoders import FrozenImageModel, TextEncoder, VisualEncoder, freeze
 from models.prompts import ClassPrompts, init_context, meta_net, per_image_logits
 
 logger = logging.getLogger(__name__)
@@ -45,11 +45,8 @@ class CoCoOpPromptLearner(nn.Module):
         return self.prompts.prefix(self.ctx.unsqueeze(0) + bias.unsqueeze(1))
 
 
-class CoCoOpModel(nn.Module):
+class CoCoOpModel(FrozenImageModel):
     """CLIP with CoCoOp's instance-conditioned prompts: ``forward(images) -> logits (B, C)``."""
-
-    #: the image encoder is CLIP's, frozen and unprompted
-    IMAGE_ENCODER_PROMPTED = False
 
     def __init__(
         self, clip_model: nn.Module, classnames: Sequence[str], n_ctx: int = 16, ctx_init: str = ""
@@ -61,10 +58,8 @@ class CoCoOpModel(nn.Module):
         self.visual = VisualEncoder(clip_model)
         self.logit_scale = clip_model.logit_scale
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C)."""
-        with torch.no_grad():
-            feats, _ = self.visual(images)
-        feats = F.normalize(feats.float(), dim=-1)
+    def forward_visual(self, visual: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, C) from the image features."""
+        feats = F.normalize(visual["features"].float(), dim=-1)
         prefix = self.prompt_learner(feats)
         return per_image_logits(self.text_encoder, self.prompt_learner.prompts, self.logit_scale, feats, prefix)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
-from models.encoders import TextEncoder, VisualEncoder, freeze
+from models.encoders import FrozenImageModel, TextEncoder, VisualEncoder, freeze
 from models.prompts import ClassPrompts, init_context
 
 logger = logging.getLogger(__name__)
@@ -89,11 +89,8 @@ class CoOpPromptLearner(nn.Module):
         return prompts.gather(1, index)
 
 
-class CoOpModel(nn.Module):
+class CoOpModel(FrozenImageModel):
     """CLIP with CoOp's learned prompts: ``forward(images) -> logits (B, C)``."""
-
-    #: the image encoder is CLIP's, frozen and unprompted
-    IMAGE_ENCODER_PROMPTED = False
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], **options) -> None:
         """``options``: those of :class:`CoOpPromptLearner` (n_ctx, ctx_init, csc, class_token_position)."""
@@ -110,13 +107,11 @@ class CoOpModel(nn.Module):
         feats = self.text_encoder(prompts, self.prompt_learner.prompts.eot)
         return F.normalize(feats.float(), dim=-1)
 
-    def logits(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C) of ``images`` (frozen image encoder, no graph) against class text features (C, E)."""
-        with torch.no_grad():
-            feats, _ = self.visual(images)
-        feats = F.normalize(feats.float(), dim=-1)
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C) of image features (B, E) against normalised class text features (C, E)."""
+        feats = F.normalize(image_features.float(), dim=-1)
         return self.logit_scale.exp().float() * feats @ text_features.t()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits (B, C)."""
-        return self.logits(images, self.text_features())
+    def forward_visual(self, visual: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, C) from the image features."""
+        return self.logits(visual["features"], self.text_features())

@@ -9,8 +9,9 @@ formulations of :mod:`models.reference`. Weights and model building live in :mod
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -242,6 +243,14 @@ def _with_prefix(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
     return torch.cat([prefix.unsqueeze(1).expand(-1, suffix.shape[1], -1, -1, -1), suffix], dim=-2)
 
 
+#: What a model may read from the frozen image encoder (:meth:`VisualEncoder.outputs`), by name.
+VISUAL_OUTPUTS = {
+    "features": "the projected image feature (B, E)",
+    "tokens": "the ViT's final token sequence before ln_post (B, T, W)",
+    "layer_means": "the token mean of every ViT block's output (B, L, W)",
+}
+
+
 class VisualEncoder(nn.Module):
     """CLIP's image encoder returning the projected feature and, for ViTs, the token sequence before ``ln_post``."""
 
@@ -259,10 +268,35 @@ class VisualEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(features (B, E), tokens (B, T, W) or None for ResNets)``."""
+        out = self.outputs(images, ("features", "tokens") if self.is_vit else ("features",))
+        return out["features"], out.get("tokens")
+
+    def outputs(self, images: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The outputs ``names`` (keys of :data:`VISUAL_OUTPUTS`) of one pass over ``images``.
+
+        Whatever else is asked for, every output is computed by the same operations in the same order, so a
+        model that reads an output gets the same bits from this call as from any other that computes it on the
+        same batch (the feature cache relies on it).
+        """
+        unknown = sorted(set(names) - set(VISUAL_OUTPUTS))
+        if unknown:
+            raise ValueError(f"unknown image-encoder outputs {unknown}; known: {', '.join(VISUAL_OUTPUTS)}")
         if not self.is_vit:
-            return self.visual(images.to(self.dtype)), None
-        (x,) = deque(self.layer_outputs(images), maxlen=1)  # the last block's tokens; earlier ones are freed
-        return self.head(x), x
+            if set(names) - {"features"}:
+                raise ValueError(f"a ResNet image encoder has no {sorted(set(names) - {'features'})}")
+            return {"features": self.visual(images.to(self.dtype))}
+        means = []
+        for x in self.layer_outputs(images):  # earlier layers' tokens are freed as x moves on
+            if "layer_means" in names:
+                means.append(x.mean(dim=1))
+        out = {}
+        if "features" in names:
+            out["features"] = self.head(x)
+        if "tokens" in names:
+            out["tokens"] = x
+        if "layer_means" in names:
+            out["layer_means"] = torch.stack(means, dim=1)
+        return out
 
     def layer_outputs(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
         """The ViT's token sequence (B, T, W) after each of its residual blocks, first to last."""
@@ -282,6 +316,49 @@ class VisualEncoder(nn.Module):
         """Projected image feature (B, E) from the final token sequence (``ln_post`` on the class token, ``proj``)."""
         feats = self.visual.ln_post(tokens[:, 0, :])
         return feats @ self.visual.proj if self.visual.proj is not None else feats
+
+    def fingerprint(self) -> str:
+        """SHA-256 of everything the outputs depend on besides the input: the module structure (layer types and
+        sizes, the MLP activation), the attention head counts, every weight (names, dtypes, shapes, bytes) and the
+        source of this file (the operations that run them)."""
+        digest = hashlib.sha256()
+        heads = [m.num_heads for m in self.visual.modules() if isinstance(m, nn.MultiheadAttention)]
+        digest.update(f"{self.visual!r}\nheads {heads}\n".encode())
+        digest.update(Path(__file__).read_bytes())
+        for name, tensor in self.visual.state_dict().items():
+            digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+class FrozenImageModel(nn.Module):
+    """Base of the models whose image encoder is CLIP's, frozen and unprompted (``self.visual``, a
+    :class:`VisualEncoder`): what they read from it is the same for a given image whatever was learned.
+
+    A model lists those outputs in ``VISUAL_OUTPUTS`` (keys of :data:`VISUAL_OUTPUTS`) and computes its logits
+    from them in :meth:`forward_visual`; ``forward(images)`` is :meth:`encode_visual` then :meth:`forward_visual`,
+    so an evaluation from stored outputs (the feature cache, docs/design.md section 7) runs the same code after
+    the image encoder.
+    """
+
+    #: the image encoder is CLIP's, frozen and unprompted
+    IMAGE_ENCODER_PROMPTED = False
+    #: what the model reads from the frozen image encoder
+    VISUAL_OUTPUTS: tuple[str, ...] = ("features",)
+    visual: VisualEncoder
+
+    def encode_visual(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen image encoder's ``VISUAL_OUTPUTS`` for ``images``, without an autograd graph."""
+        with torch.no_grad():
+            return self.visual.outputs(images, self.VISUAL_OUTPUTS)
+
+    def forward_visual(self, visual: dict[str, torch.Tensor], *inputs, **extras) -> torch.Tensor:
+        """Logits (B, C) from the image encoder's outputs ``visual`` (and the model's other inputs)."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, *inputs, **extras) -> torch.Tensor:
+        """Logits (B, C)."""
+        return self.forward_visual(self.encode_visual(images), *inputs, **extras)
 
 
 def require_vit(clip_model: CLIP, method: str) -> None:

@@ -58,6 +58,6 @@ class KgCoOpModel(CoOpModel):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, logits (B, C), terms)`` of a training batch (docstring of the module)."""
         text = self.text_features()
-        logits = self.logits(images, text)
+        logits = self.logits(self.encode_visual(images)["features"], text)
         loss, terms = knowledge_guided_loss(logits, labels, text, self.clip_text_features, self.weight)
         return loss, logits, terms

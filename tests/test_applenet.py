@@ -43,7 +43,7 @@ def test_fast_path_equals_upstream_per_image_formulation(make_model, n_ctx, ctx_
     params = list(model.prompt_learner.parameters())
 
     loss, fast, terms = model.training_loss(images, labels)
-    _, ctx = model.forward_with_context(images)
+    _, ctx = model.forward_with_context(model.encode_visual(images))
     ref, ref_ctx = reference.applenet_logits(model, clip_model, images)
     assert fast.shape == (3, len(CLASSES)) and ctx.shape == (3, n_ctx, 96)
     assert_close_fp32(fast, ref, what="logits")
@@ -71,7 +71,8 @@ def test_sizes_come_from_the_backbone(make_model):
 
 def test_image_encoder_has_no_graph_and_clip_stays_frozen(make_model):
     model, _ = make_model()
-    feats, means = model.encode_images(torch.randn(2, 3, 32, 32))
+    visual = model.encode_visual(torch.randn(2, 3, 32, 32))
+    feats, means = visual["features"], visual["layer_means"]
     assert feats.grad_fn is None and means.grad_fn is None and means.shape == (2, 3, 128)
     assert all(not p.requires_grad for n, p in model.named_parameters() if not n.startswith("prompt_learner."))
 

@@ -74,5 +74,6 @@ def test_clip_stays_frozen_and_image_encoder_has_no_graph():
     model = _model()
     frozen = [n for n, p in model.named_parameters() if not n.startswith("prompt_learner.")]
     assert frozen and all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
-    feats, tokens = model.encode_images(torch.randn(2, 3, 224, 224))
+    visual = model.encode_visual(torch.randn(2, 3, 224, 224))
+    feats, tokens = visual["features"], visual["tokens"]
     assert feats.grad_fn is None and tokens.grad_fn is None

@@ -209,7 +209,7 @@ def test_applenet_loss_reads_the_config(toy_root, tmp_path):
     trainer = build(toy_root, tmp_path, "APPLeNet", "LOSS.CRP_WEIGHT", "0.5", "LOSS.T", "1.5")
     images, labels, extras = first_batch(trainer, "train")
     loss, logits, terms = trainer.compute_loss(images, labels, extras)
-    expected_logits, ctx = trainer.model.forward_with_context(images)
+    expected_logits, ctx = trainer.model.forward_with_context(trainer.model.encode_visual(images))
     penalty, defined = context_redundancy_penalty(ctx, 1.5)
     assert defined and torch.equal(logits, expected_logits) and set(terms) == {"loss_ce", "loss_crp", "crp_defined"}
     expected = torch.nn.functional.cross_entropy(logits, labels) + 0.5 * penalty

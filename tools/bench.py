@@ -142,8 +142,8 @@ def make_applenet(clip_model: CLIP, classnames: list[str]) -> Case:
     model = APPLeNetModel(clip_model, classnames, n_ctx=4, ctx_init="a photo of a")
 
     def prompts(images):
-        learner = model.prompt_learner
-        return learner.prompts.prefix(learner(*model.encode_images(images)))
+        _, ctx = model.forward_with_context(model.encode_visual(images))
+        return model.prompt_learner.prompts.prefix(ctx)
 
     return Case(model=model, clip_model=clip_model, extras=lambda b: {},
                 reference=lambda images: reference.applenet_logits(model, clip_model, images)[0], prompts=prompts)
