@@ -33,13 +33,14 @@ class APPLeNet(PromptTrainer):
     """Visual-attention parameterised prompts: multi-scale visual features shift the context per image."""
 
     CONFIG_NODE = "APPLENET"
+    MODEL = APPLeNetModel
 
     def check_cfg(self, cfg: CN) -> None:
         super().check_cfg(cfg)
         if cfg.LOSS.NAME != "apple":
             raise ConfigError(f"LOSS.NAME is {cfg.LOSS.NAME!r}; APPLeNet implements only 'apple' (set LOSS.NAME apple).")
 
-    def build_prompt_model(self, clip_model, classnames):
-        node, loss = self.cfg.TRAINER.APPLENET, self.cfg.LOSS
-        return APPLeNetModel(clip_model, classnames, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT,
-                             temperature=loss.T, crp_weight=loss.CRP_WEIGHT)  # fmt: skip
+    @classmethod
+    def model_arguments(cls, cfg, template, caption_dim=0):
+        node, loss = cfg.TRAINER.APPLENET, cfg.LOSS
+        return {"n_ctx": node.N_CTX, "ctx_init": node.CTX_INIT, "temperature": loss.T, "crp_weight": loss.CRP_WEIGHT}

@@ -10,10 +10,13 @@
 - a resume checkpoint after every epoch (``--resume`` or re-running into the same folder continues the
   schedule exactly); every checkpoint records the config that shapes training (:func:`run_fingerprint`)
   and a resume from a checkpoint of another run is refused (:func:`check_resume`);
-- ``results.json`` next to Dassl's ``log.txt`` after every test-set evaluation.
+- ``results.json`` next to Dassl's ``log.txt`` after every test-set evaluation;
+- evaluations of models whose image encoder is frozen and unprompted read what the model needs from it from the
+  dataset's feature cache (:mod:`datasets.feature_cache`), bit-equal to computing it (``BENCH.FEATURE_CACHE``).
 
 Models used with it expose ``prompt_learner`` (the module holding every learnable parameter, or ``None``)
-and ``forward(images, **extras) -> logits``. A model whose training loss is more than cross-entropy also has
+and ``forward(images, **extras) -> logits``; a :class:`models.encoders.FrozenImageModel` also
+``forward_visual(visual, **extras)`` from its image encoder's outputs. A model whose training loss is more than cross-entropy also has
 ``training_loss(images, labels, **extras) -> (loss, logits, terms)`` (``terms``: named loss parts, logged).
 Subclasses may hook the end of every epoch (:meth:`PromptTrainer.on_epoch_end`), the weights kept after the
 last one (:meth:`PromptTrainer.final_weights`) and the state a resumed run needs
@@ -32,7 +35,7 @@ import pickle
 import random
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,7 @@ from dassl.engine import TRAINER_REGISTRY, TrainerX
 from dassl.metrics import compute_accuracy
 from dassl.optim import build_optimizer
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from yacs.config import CfgNode as CN
 
@@ -51,6 +55,7 @@ from common.errors import ConfigError, ExpectedError
 from common.io import atomic_path, write_json_atomic, write_text_atomic
 from common.precision import GPU_ONLY, PRECISIONS
 from common.precision import autocast as precision_autocast
+from datasets.feature_cache import FeatureCache, Setting, describe_transform, device_name
 from datasets.remote_sensing import NamedImageErrors
 from models.weights import load_clip
 
@@ -68,6 +73,9 @@ def add_common_config(cfg: CN) -> None:
     cfg.BENCH.CONFIG_NAME = ""  # trainer config file stem; train.py fills it in
     cfg.BENCH.SOURCE_DATASET = ""  # dataset the evaluated model was trained on (eval-only runs)
     cfg.BENCH.RESUME_EVERY_EPOCH = True  # write a small resume checkpoint after every epoch
+    # evaluations of models with a frozen, unprompted image encoder read its outputs from the dataset's feature
+    # cache (DATA/<Dir>/features), computing and storing what is missing (docs/design.md section 7.1)
+    cfg.BENCH.FEATURE_CACHE = True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,9 +353,19 @@ class PromptTrainer(TrainerX):
         self.dm = dm
 
     # -- model --------------------------------------------------------------------------------------------
+    #: the method's model class (``models/``), built with ``(clip_model, classnames, **model_arguments(...))``
+    MODEL: type[nn.Module] | None = None
+
+    @classmethod
+    def model_arguments(cls, cfg: CN, template: str, caption_dim: int = 0) -> dict:
+        """Keyword arguments of ``MODEL`` besides ``(clip_model, classnames)``: from the config, the dataset's
+        hand-written ``template`` and, for a model that reads captions, the caption vectors' dimension. The
+        matrix cost report (:mod:`tools.cost`) builds the models of a sweep from them too."""
+        return {}
+
     def build_prompt_model(self, clip_model: nn.Module, classnames: list[str]) -> nn.Module:
-        """Return the method's model (``models/``); subclasses implement this."""
-        raise NotImplementedError
+        """The method's model: ``MODEL`` with :meth:`model_arguments` of this run."""
+        return self.MODEL(clip_model, classnames, **self.model_arguments(self.cfg, self.dataset_template()))
 
     def dataset_template(self, default: str = "a photo of a {}.") -> str:
         """The hand-crafted prompt template of the dataset (from the catalogue or its yaml)."""
@@ -430,6 +448,79 @@ class PromptTrainer(TrainerX):
         with self.autocast():
             return self.model(images, **extras).float()
 
+    @torch.no_grad()
+    def visual_inference(self, visual: dict[str, torch.Tensor], **extras) -> torch.Tensor:
+        """:meth:`model_inference` from the image encoder's outputs (a :class:`FrozenImageModel`)."""
+        with self.autocast():
+            return self.model.forward_visual(visual, **extras).float()
+
+    # -- the feature cache ----------------------------------------------------------------------------------
+    def feature_cache(self, loader, outputs: tuple[str, ...] = ()) -> FeatureCache | None:
+        """The dataset's feature cache for the evaluation batches of ``loader`` (the model's ``VISUAL_OUTPUTS``,
+        or ``outputs``), or None: switched off (``BENCH.FEATURE_CACHE False``), or a model that prompts its image
+        encoder or reads nothing from it."""
+        model = self.model
+        outputs = outputs or tuple(getattr(model, "VISUAL_OUTPUTS", ()))
+        if not self.cfg.BENCH.FEATURE_CACHE or getattr(model, "IMAGE_ENCODER_PROMPTED", True) or not outputs:
+            return None
+        if getattr(self, "_encoder_fingerprint", None) is None:
+            self._encoder_fingerprint = model.visual.fingerprint()
+        setting = Setting(
+            backbone=self.cfg.MODEL.BACKBONE.PATH or self.cfg.MODEL.BACKBONE.NAME,
+            encoder=self._encoder_fingerprint,
+            transform=describe_transform(loader.dataset.transform),
+            precision=self.prec,
+            device=device_name(self.device),
+            torch=torch.__version__,
+        )
+        dataset = self.dm.dataset
+        return FeatureCache(Path(dataset.dataset_dir), Path(dataset.image_dir), setting, outputs)
+
+    def eval_batches(self, loader, cache: FeatureCache | None) -> Iterator[tuple[dict, dict | None]]:
+        """``(batch, visual)`` for every batch of ``loader`` in order. Without a cache ``visual`` is None and the
+        batch holds the images. With one, ``visual`` holds the cache's outputs of the batch: read, or computed on the
+        batch's images (exactly as the model's forward computes them) and stored; a batch read from the cache holds
+        labels and paths only (its images are not loaded)."""
+        if cache is None:
+            yield from ((batch, None) for batch in loader)
+            return
+        source = loader.dataset.data_source
+        batches = list(loader.batch_sampler)
+        keys = [cache.batch_key([source[i].impath for i in indices]) for indices in batches]
+        missing = [indices for indices, key in zip(batches, keys) if key is None or not cache.has(key)]
+        loaded = iter(DataLoader(loader.dataset, batch_sampler=missing, num_workers=loader.num_workers,
+                                 collate_fn=loader.collate_fn, pin_memory=loader.pin_memory) if missing else ())  # fmt: skip
+        for indices, key in zip(batches, keys):
+            visual = None
+            if key is None or not cache.has(key):
+                batch = next(loaded)
+            else:
+                visual = cache.read(key)
+                batch = {"label": torch.tensor([source[i].label for i in indices]),
+                         "impath": [source[i].impath for i in indices], "index": torch.tensor(indices)}  # fmt: skip
+                if visual is None:  # damaged or foreign entry (reported): load the batch and compute it
+                    batch = loader.collate_fn([loader.dataset[i] for i in indices])
+            if visual is None:
+                with torch.no_grad(), self.autocast():
+                    visual = self.model.visual.outputs(batch["img"].to(self.device), cache.outputs)
+                if key is not None:
+                    cache.write(key, visual)
+            yield batch, {name: value.to(self.device) for name, value in visual.items()}
+
+    @torch.no_grad()
+    def fill_feature_cache(self, outputs: tuple[str, ...] = ()) -> FeatureCache | None:
+        """Compute and store what the test-split evaluation reads from the feature cache (the model's outputs, or
+        ``outputs``); None when this run uses no cache."""
+        cache = self.feature_cache(self.test_loader, outputs)
+        if cache is None:
+            logger.info("%s reads no cached image features (prompted image encoder, or BENCH.FEATURE_CACHE False)",
+                        self.cfg.TRAINER.NAME)  # fmt: skip
+            return None
+        for _ in tqdm(self.eval_batches(self.test_loader, cache), total=len(self.test_loader), desc="fill", leave=False):
+            pass
+        logger.info("%s", cache.summary())
+        return cache
+
     # -- evaluation and results ---------------------------------------------------------------------------
     @torch.no_grad()
     def test(self, split: str | None = None) -> float:
@@ -442,12 +533,19 @@ class PromptTrainer(TrainerX):
         split = "val" if loader is self.val_loader and split == "val" else "test"
         logger.info("Evaluate on the *%s* set", split)
         self._eval_labels: tuple[list[int], list[int]] = ([], [])  # (true, predicted), for per-class accuracy
-        for batch in tqdm(loader, desc=f"eval {split}", leave=False):
-            images, labels, extras = self.parse_batch(batch)
-            logits = self.model_inference(images, **extras)
+        cache = self.feature_cache(loader)
+        for batch, visual in tqdm(self.eval_batches(loader, cache), total=len(loader), desc=f"eval {split}",
+                                  leave=False):  # fmt: skip
+            labels, extras = batch["label"].to(self.device, non_blocking=True), self.batch_extras(batch)
+            if visual is None:
+                logits = self.model_inference(batch["img"].to(self.device, non_blocking=True), **extras)
+            else:
+                logits = self.visual_inference({k: visual[k] for k in self.model.VISUAL_OUTPUTS}, **extras)
             self.evaluator.process(logits, labels)
             self._eval_labels[0].extend(labels.tolist())
             self._eval_labels[1].extend(logits.max(1)[1].tolist())  # the prediction Dassl's evaluator counts
+        if cache is not None:
+            logger.info("%s", cache.summary())
         results = self.evaluator.evaluate()
         for key, value in results.items():
             self.write_scalar(f"{split}/{key}", value, self.epoch)

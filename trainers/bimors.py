@@ -31,6 +31,7 @@ class BiMoRS(PromptTrainer):
     """Bi-modal prompt learning: context shifted by cross-attention over an image token and a caption token."""
 
     CONFIG_NODE = "BIMORS"
+    MODEL = BiMoRSModel
     NEEDS_CAPTIONS = True
 
     def build_prompt_model(self, clip_model, classnames):
@@ -46,15 +47,13 @@ class BiMoRS(PromptTrainer):
         self.caption_index = captions
         self.caption_table = captions.features.to(self.device)
         logger.info("Caption vectors: %d x %d from %s", len(captions), captions.dim, captions.path)
-        return BiMoRSModel(
-            clip_model,
-            classnames,
-            caption_dim=captions.dim,
-            n_ctx=node.N_CTX,
-            ctx_init=node.CTX_INIT,
-            n_heads=node.N_HEADS,
-            caption_proj_trainable=node.CAPTION_PROJ_TRAINABLE,
-        )
+        return self.MODEL(clip_model, classnames, **self.model_arguments(self.cfg, self.dataset_template(), captions.dim))
+
+    @classmethod
+    def model_arguments(cls, cfg, template, caption_dim=0):
+        node = cfg.TRAINER.BIMORS
+        return {"caption_dim": caption_dim, "n_ctx": node.N_CTX, "ctx_init": node.CTX_INIT, "n_heads": node.N_HEADS,
+                "caption_proj_trainable": node.CAPTION_PROJ_TRAINABLE}  # fmt: skip
 
     def relpaths(self, impaths: list[str]) -> list[str]:
         """Caption-store keys: image paths relative to the dataset's ``images/`` folder."""

@@ -31,9 +31,13 @@ class CLIP_Adapter(PromptTrainer):  # upstream's registered name
     """CLIP-Adapter: a residual bottleneck adapter on the frozen image feature, frozen template classifier."""
 
     CONFIG_NODE = "CLIP_ADAPTER"
+    MODEL = CLIPAdapterModel
+
+    @classmethod
+    def model_arguments(cls, cfg, template, caption_dim=0):
+        node = cfg.TRAINER.CLIP_ADAPTER
+        return {"template": template, "reduction": node.REDUCTION, "ratio": node.RATIO}
 
     def build_prompt_model(self, clip_model, classnames):
-        node = self.cfg.TRAINER.CLIP_ADAPTER
-        template = self.dataset_template()
-        logger.info("CLIP-Adapter classifier template: %r", template)
-        return CLIPAdapterModel(clip_model, classnames, template, reduction=node.REDUCTION, ratio=node.RATIO)
+        logger.info("CLIP-Adapter classifier template: %r", self.dataset_template())
+        return super().build_prompt_model(clip_model, classnames)

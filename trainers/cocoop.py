@@ -22,7 +22,8 @@ class CoCoOp(PromptTrainer):
     """Conditional Context Optimization: context shifted per image by a meta-net on the image feature."""
 
     CONFIG_NODE = "COCOOP"
+    MODEL = CoCoOpModel
 
-    def build_prompt_model(self, clip_model, classnames):
-        node = self.cfg.TRAINER.COCOOP
-        return CoCoOpModel(clip_model, classnames, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT)
+    @classmethod
+    def model_arguments(cls, cfg, template, caption_dim=0):
+        return {"n_ctx": cfg.TRAINER.COCOOP.N_CTX, "ctx_init": cfg.TRAINER.COCOOP.CTX_INIT}

@@ -30,6 +30,8 @@ class CoOp(PromptTrainer):
     """Context Optimization: learned prompt context shared by all classes (or one per class)."""
 
     CONFIG_NODE = "COOP"
+    MODEL = CoOpModel
 
-    def build_prompt_model(self, clip_model, classnames):
-        return CoOpModel(clip_model, classnames, **coop_options(self.cfg.TRAINER.COOP))
+    @classmethod
+    def model_arguments(cls, cfg, template, caption_dim=0):
+        return coop_options(cfg.TRAINER.COOP)

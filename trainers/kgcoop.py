@@ -28,10 +28,11 @@ class KgCoOp(PromptTrainer):
     """Knowledge-guided Context Optimization: CoOp whose class text features stay near the hand-crafted prompt's."""
 
     CONFIG_NODE = "COOP"
+    MODEL = KgCoOpModel
 
-    def build_prompt_model(self, clip_model, classnames):
-        node = self.cfg.TRAINER.COOP
-        return KgCoOpModel(clip_model, classnames, self.dataset_template(), node.W, **coop_options(node))
+    @classmethod
+    def model_arguments(cls, cfg, template, caption_dim=0):
+        return {"template": template, "weight": cfg.TRAINER.COOP.W, **coop_options(cfg.TRAINER.COOP)}
 
     def convert_checkpoint_state(self, state, path):
         return upstream_kgcoop_state(state)

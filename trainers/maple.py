@@ -27,12 +27,12 @@ class MaPLe(PromptTrainer):
     """Multi-modal Prompt Learning: coupled deep prompts in the text and the image encoder."""
 
     CONFIG_NODE = "MAPLE"
+    MODEL = MaPLeModel
 
-    def build_prompt_model(self, clip_model, classnames):
-        node = self.cfg.TRAINER.MAPLE
-        return MaPLeModel(
-            clip_model, classnames, n_ctx=node.N_CTX, ctx_init=node.CTX_INIT, prompt_depth=node.PROMPT_DEPTH
-        )
+    @classmethod
+    def model_arguments(cls, cfg, template, caption_dim=0):
+        node = cfg.TRAINER.MAPLE
+        return {"n_ctx": node.N_CTX, "ctx_init": node.CTX_INIT, "prompt_depth": node.PROMPT_DEPTH}
 
     def convert_checkpoint_state(self, state, path):
         return upstream_prompt_learner_state(state)

@@ -42,22 +42,26 @@ class PromptSRC(PromptTrainer):
     """Self-regulating prompts: deep vision-language prompts kept near frozen CLIP, aggregated over epochs."""
 
     CONFIG_NODE = "PROMPTSRC"
+    MODEL = PromptSRCModel
+
+    @classmethod
+    def model_arguments(cls, cfg, template, caption_dim=0):
+        node = cfg.TRAINER.PROMPTSRC
+        return {
+            "templates": ensemble_templates(template),
+            "text_weight": node.TEXT_LOSS_WEIGHT,
+            "image_weight": node.IMAGE_LOSS_WEIGHT,
+            "n_ctx_text": node.N_CTX_TEXT,
+            "n_ctx_vision": node.N_CTX_VISION,
+            "ctx_init": node.CTX_INIT,
+            "prompt_depth_text": node.PROMPT_DEPTH_TEXT,
+            "prompt_depth_vision": node.PROMPT_DEPTH_VISION,
+        }
 
     def build_prompt_model(self, clip_model, classnames):
         node = self.cfg.TRAINER.PROMPTSRC
         self.gpa = GaussianPromptAggregation(self.cfg.OPTIM.MAX_EPOCH, node.GPA_MEAN, node.GPA_STD)
-        return PromptSRCModel(
-            clip_model,
-            classnames,
-            templates=ensemble_templates(self.dataset_template()),
-            text_weight=node.TEXT_LOSS_WEIGHT,
-            image_weight=node.IMAGE_LOSS_WEIGHT,
-            n_ctx_text=node.N_CTX_TEXT,
-            n_ctx_vision=node.N_CTX_VISION,
-            ctx_init=node.CTX_INIT,
-            prompt_depth_text=node.PROMPT_DEPTH_TEXT,
-            prompt_depth_vision=node.PROMPT_DEPTH_VISION,
-        )
+        return super().build_prompt_model(clip_model, classnames)
 
     def on_epoch_end(self) -> None:
         self.gpa.add(self.epoch, self.model.prompt_learner)

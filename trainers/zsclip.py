@@ -31,16 +31,21 @@ class ZeroshotCLIP(PromptTrainer):
     """Zero-shot CLIP with the dataset's template (e.g. "a satellite photo of a {}.") or ``TEMPLATES``."""
 
     DEFAULT_TEMPLATES = "dataset"
+    MODEL = ZeroshotModel
+
+    @classmethod
+    def model_arguments(cls, cfg, template, caption_dim=0):
+        return {"templates": resolve_templates(cfg.TRAINER.ZSCLIP.TEMPLATES or cls.DEFAULT_TEMPLATES, template)}
 
     def templates(self) -> list[str]:
         """The prompts of ``TRAINER.ZSCLIP.TEMPLATES`` (or of the trainer's default)."""
-        return resolve_templates(self.cfg.TRAINER.ZSCLIP.TEMPLATES or self.DEFAULT_TEMPLATES, self.dataset_template())
+        return self.model_arguments(self.cfg, self.dataset_template())["templates"]
 
     def build_prompt_model(self, clip_model, classnames):
         templates = self.templates()
         shown = templates if len(templates) <= 8 else [*templates[:3], "...", templates[-1]]
         logger.info("Zero-shot templates (%d): %s", len(templates), shown)
-        return ZeroshotModel(clip_model, classnames, templates)
+        return super().build_prompt_model(clip_model, classnames)
 
     def train(self) -> None:
         """Nothing to learn: evaluate on the test split."""
