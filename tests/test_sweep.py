@@ -66,7 +66,8 @@ def test_paper_sweep_plan_counts_runs_per_phase(tmp_path):
     # 5 trainers x 3 seeds: base2new 4 datasets x (train + eval); each transfer 1 training + 3 evaluations
     assert phases["train"] == ["90", "0", "0", "90"] and phases["eval"] == ["150", "0", "0", "150"]
     assert phases["prepare"] == ["8", "-", "-", "8"]  # BiMoRS's captions of the 8 datasets
-    assert phases["total"] == ["248", "0", "0", "248"]
+    assert phases["features"] == ["8", "-", "-", "8"]  # the feature cache of the 8 datasets, filled once each
+    assert phases["total"] == ["256", "0", "0", "256"]
     protocols = table(proc.stdout, "protocol")
     assert protocols == {"base2new": ["60", "60", "120"], "crossdata": ["15", "45", "60"], "domaingen": ["15", "45", "60"]}
     assert "DATA is not set" in proc.stdout  # plan needs no data; the commands show <DATA>
@@ -76,12 +77,20 @@ def test_smoke_sweep_plan_lists_its_commands(tmp_path):
     proc = sweep_cli("plan", str(SWEEPS / "smoke.yaml"), "--output", str(tmp_path / "smoke"), "--data",
                      str(tmp_path / "data"), "--commands")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert table(proc.stdout, "phase")["total"] == ["29", "0", "0", "29"]  # ToyRS + captions, 14 trainings, 14 evals
+    # ToyRS + captions, the feature cache, 18 trainings, 18 evals
+    assert table(proc.stdout, "phase")["total"] == ["38", "0", "0", "38"]
     commands = [line.split() for line in proc.stdout.splitlines() if line.startswith(sys.executable)]
     assert [c[1:3] for c in commands[:2]] == [["-m", "tools.prepare_data"], ["-m", "tools.captions"]]
+    assert commands[2][1:4] == ["-m", "tools.features", "fill"]
     trains = [c for c in commands if c[1] == "train.py"]
-    assert len(trains) == 28 and all(c[c.index("--root") + 1] == str(tmp_path / "data") for c in trains)
+    assert len(trains) == 36 and all(c[c.index("--root") + 1] == str(tmp_path / "data") for c in trains)
     assert {c[c.index("--trainer") + 1] for c in trains} == set(TRAINERS)  # every trainer of the suite
+    # one fill per trainer reading the cache and per subsample, whatever the seed; none for the prompted encoders
+    fills = " ".join(commands[2]).split(" --and ")
+    cached = {name for name, spec in TRAINERS.items() if spec.cached_features}
+    assert len(fills) == 2 * len(cached) and cached == {"ZeroshotCLIP", "CoOp", "CoCoOp", "KgCoOp", "APPLeNet",
+                                                        "CLIP_Adapter", "BiMoRS"}  # fmt: skip
+    assert {f.split("--trainer ")[1].split()[0] for f in fills} == cached
 
 
 @pytest.mark.parametrize(
@@ -240,8 +249,9 @@ def test_run_with_fake_gpus_then_again_launches_nothing(tmp_path, fake_python):
     assert len(results) == 8
     assert {(r.parent / "cuda_visible_devices").read_text().strip() for r in results} == {"3", "7"}
     assert all("==== " in (r.parent / "run.log").read_text() for r in results)  # each run's output in its folder
-    assert "8 done, 0 failed, 0 skipped" in proc.stderr
+    assert "9 done, 0 failed, 0 skipped" in proc.stderr  # the 8 runs and the feature-cache fill before them
     calls = log.read_text().splitlines()
+    assert calls[0].startswith("-m tools.features fill ") and calls[0].count(" --and ") == 3  # 2 trainers x base/new
     proc = sweep_cli(*args, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "nothing to run: all 8 runs are finished" in proc.stderr

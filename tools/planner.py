@@ -26,7 +26,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ TRANSFER = {
     "crossdata": ("patternnet", ("rsicd", "resisc45", "mlrsnet")),
     "domaingen": ("patternnetv2", ("rsicdv2", "resisc45v2", "mlrsnetv2")),
 }
-PHASES = ("prepare", "train", "eval")  # order of execution; a SLURM sweep submits one job array per phase
+# order of execution; a SLURM sweep submits one job array per phase. "features" (sweeps only): the feature cache
+# of each dataset is filled once for the runs that read it (tools.features), before they start.
+PHASES = ("prepare", "features", "train", "eval")
 DEFAULT_SEEDS = (1, 2, 3)
 DEFAULT_SHOTS = {"fewshot": (1, 2, 4, 8, 16)}  # other protocols: (16,)
 TOY_DATASET = "toyrs"  # generated offline by `python -m tools.prepare_data toyrs`, into DATA/ToyRS/images
@@ -57,8 +59,10 @@ OWNED_KEYS = {
     "DATASET.SUBSAMPLE_CLASSES": "{key} is set by the {protocol} protocol; do not pass it after --",
     "BENCH.PROTOCOL": "{key} is set by the {protocol} protocol; do not pass it after --",
 }
-# Recorded keys that never change what a run computes (locations, logging): not compared for reuse.
-NEUTRAL_KEYS = frozenset({"DATASET.ROOT", "OUTPUT_DIR", "RESUME", "TRAIN.PRINT_FREQ"})
+# Recorded keys that never change what a run computes (locations, logging, the exact feature cache): not compared
+# for reuse.
+FEATURE_CACHE_KEY = "BENCH.FEATURE_CACHE"
+NEUTRAL_KEYS = frozenset({"DATASET.ROOT", "OUTPUT_DIR", "RESUME", "TRAIN.PRINT_FREQ", FEATURE_CACHE_KEY})
 _KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
 # Run states
@@ -78,6 +82,9 @@ class TrainerSpec:
     transfer_config: str = ""  # default config of crossdata and domaingen ('' = config)
     eval_only: bool = False  # learns nothing: every run is --eval-only, no checkpoint is loaded
     captions: bool = False  # needs image captions: a tools.captions pre-step and TRAINER.BIMORS.* options
+    # its image encoder is frozen and unprompted (its model is a FrozenImageModel): its evaluations read the
+    # feature cache, which a sweep fills first (False for the models with IMAGE_ENCODER_PROMPTED)
+    cached_features: bool = True
 
     def default_config(self, protocol: str) -> str:
         """The config a protocol uses when none is asked for."""
@@ -90,9 +97,11 @@ TRAINERS = {
         TrainerSpec("ZeroshotCLIP", "vit_b16", eval_only=True),
         TrainerSpec("CoOp", "vit_b16_ep50_ctxv1"),
         TrainerSpec("CoCoOp", "vit_b16_c4_ep10_batch1_ctxv1"),
-        TrainerSpec("MaPLe", "vit_b16_c2_ep5_batch4_2ctx", transfer_config="vit_b16_c2_ep5_batch4_2ctx_cross_datasets"),
+        TrainerSpec("MaPLe", "vit_b16_c2_ep5_batch4_2ctx", transfer_config="vit_b16_c2_ep5_batch4_2ctx_cross_datasets",
+                    cached_features=False),
         TrainerSpec("KgCoOp", "vit_b16_ep100_ctxv1"),
-        TrainerSpec("PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", transfer_config="vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets"),
+        TrainerSpec("PromptSRC", "vit_b16_c2_ep20_batch4_4+4ctx", transfer_config="vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets",
+                    cached_features=False),
         TrainerSpec("APPLeNet", "vit_b16_c4"),
         TrainerSpec("CLIP_Adapter", "vit_b16"),
         TrainerSpec("BiMoRS", "vit_b16_c4_ep10_batch4_ctxv1", captions=True),
@@ -207,6 +216,7 @@ class Step:
     status: str = PENDING
     changes: tuple[str, ...] = ()  # CHANGED: "KEY: recorded -> asked"
     replace: bool = False  # the folder holds an old result that this run replaces (it is cleared first)
+    fill: tuple[str, ...] = ()  # a run reading the feature cache: the tools.features fill arguments of its evaluation
 
     @property
     def is_run(self) -> bool:
@@ -461,7 +471,10 @@ def plan(request: Request) -> Plan:
     check_opts(extra, protocol)
     epoch = None if eval_only or protocol == "fewshot" else load_epoch(request, extra, config_path)
     cfg_dir = Path(config).stem + (f"_{backbone_suffix(request.backbone)}" if request.backbone else "")
-    builder = _Builder(request, config, config_path, cfg_dir, extra, eval_only, epoch)
+    cached = spec.cached_features if spec else False
+    cache_values = [decode_value(v) for k, v in zip(extra[::2], extra[1::2]) if k == FEATURE_CACHE_KEY]
+    builder = _Builder(request, config, config_path, cfg_dir, extra, eval_only, epoch,
+                       cached and (not cache_values or bool(cache_values[-1])))  # fmt: skip
 
     datasets = list(dict.fromkeys(request.datasets))
     for k in shots if protocol == "fewshot" else shots[:1]:
@@ -495,9 +508,9 @@ class _Builder:
     """Accumulates the steps of one request."""
 
     def __init__(self, request: Request, config: str, config_path: Path, cfg_dir: str, extra: tuple[str, ...],
-                 eval_only: bool, epoch: int | None) -> None:  # fmt: skip
+                 eval_only: bool, epoch: int | None, cached: bool) -> None:  # fmt: skip
         self.request, self.config, self.config_path, self.cfg_dir = request, config, config_path, cfg_dir
-        self.extra, self.eval_only, self.epoch = extra, eval_only, epoch
+        self.extra, self.eval_only, self.epoch, self.cached = extra, eval_only, epoch, cached
         self.plan = Plan()
         self.prepare_keys: dict[str, str] = {}
         self.toy_generated = False
@@ -549,8 +562,12 @@ class _Builder:
             stale = model is not None and not self.eval_only and model.status != FINISHED
             status = CHANGED if found else PENDING if stale else FINISHED
             changes, replace = tuple(found or ()), status != FINISHED
+        fill: tuple[str, ...] = ()
+        if self.cached:  # the test split the run evaluates; the seed only picks the few-shot draw the run builds
+            fill = ("--root", str(r.data), "--seed", str(r.seeds[0]), "--trainer", r.trainer, "--dataset-config-file",
+                    dataset_file(dataset), "--config-file", self.config, *owned, *opts, *self.extra)  # fmt: skip
         step = Step(key, "eval" if phase.startswith("test") else "train", (argv,), tuple(deps), out, dataset,
-                    status, changes, replace)  # fmt: skip
+                    status, changes, replace, fill)  # fmt: skip
         self.plan.steps.append(step)
         return step
 
@@ -559,6 +576,29 @@ class _Builder:
         r = self.request
         return (r.python, "-m", "tools.results", *map(str, dirs), "--protocol", r.protocol,
                 "--seeds", *map(str, r.seeds))  # fmt: skip
+
+
+def add_feature_steps(the_plan: Plan) -> Plan:
+    """``the_plan`` with one ``features`` step per dataset that runs read from the feature cache: it fills the
+    cache for all of them in one ``tools.features fill`` command (distinct fills joined by ``--and``; runs of
+    every seed share one), after the dataset's pre-steps; those runs wait for it. Sweeps use it: their runs
+    would otherwise compute the same entries at the same time (a SLURM array starts them together)."""
+    fills: dict[str, list[tuple[str, ...]]] = {}
+    for step in the_plan.runs:
+        if step.fill and step.fill not in fills.setdefault(step.dataset, []):
+            fills[step.dataset].append(step.fill)
+    if not fills:
+        return the_plan
+    python = the_plan.runs[0].commands[0][0]
+    prepare = {s.dataset: s.key for s in the_plan.steps if s.phase == "prepare"}
+    features = []
+    for dataset, args in fills.items():
+        joined = [word for i, fill in enumerate(args) for word in (("--and",) if i else ()) + fill]
+        features.append(Step(f"features/{dataset}", "features", ((python, "-m", "tools.features", "fill", *joined),),
+                             (prepare[dataset],) if dataset in prepare else (), dataset=dataset))  # fmt: skip
+    steps = [s for s in the_plan.steps if not s.is_run] + features
+    steps += [replace(s, deps=(*s.deps, f"features/{s.dataset}")) if s.fill else s for s in the_plan.runs]
+    return Plan(steps, list(the_plan.summaries), list(the_plan.unverified))
 
 
 def changed_error(changed: Sequence[Step], how: str) -> PlanError:

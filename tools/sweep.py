@@ -40,6 +40,7 @@ from tools.planner import (
     PlanError,
     Request,
     Step,
+    add_feature_steps,
     changed_error,
     check_locations,
     generates_data,
@@ -109,11 +110,11 @@ class Sweep:
         return out
 
     def plan(self) -> Plan:
-        """The merged plan of every request."""
+        """The merged plan of every request, with the feature-cache fill of each dataset before its runs."""
         merged = Plan()
         for request in self.requests():
             merged.merge(plan(request))
-        return merged
+        return add_feature_steps(merged)
 
 
 # ------------------------------------------------------------------------------------------- sweep file
