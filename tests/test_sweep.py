@@ -76,11 +76,11 @@ def test_smoke_sweep_plan_lists_its_commands(tmp_path):
     proc = sweep_cli("plan", str(SWEEPS / "smoke.yaml"), "--output", str(tmp_path / "smoke"), "--data",
                      str(tmp_path / "data"), "--commands")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert table(proc.stdout, "phase")["total"] == ["29", "0", "0", "29"]  # ToyRS + captions, 14 trainings, 14 evals
+    assert table(proc.stdout, "phase")["total"] == ["37", "0", "0", "37"]  # ToyRS + captions, 18 trainings, 18 evals
     commands = [line.split() for line in proc.stdout.splitlines() if line.startswith(sys.executable)]
     assert [c[1:3] for c in commands[:2]] == [["-m", "tools.prepare_data"], ["-m", "tools.captions"]]
     trains = [c for c in commands if c[1] == "train.py"]
-    assert len(trains) == 28 and all(c[c.index("--root") + 1] == str(tmp_path / "data") for c in trains)
+    assert len(trains) == 36 and all(c[c.index("--root") + 1] == str(tmp_path / "data") for c in trains)
     assert {c[c.index("--trainer") + 1] for c in trains} == set(TRAINERS)  # every trainer of the suite
 
 
