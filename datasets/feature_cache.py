@@ -136,6 +136,7 @@ class FeatureCache:
         self.folders = [root / self.setting.key for root in cache_roots(self.dataset_dir)]
         self._write_folder: Path | None = None
         self._writes_failed = False
+        self.used: Path | None = None  # the folder this cache last read from or wrote to
 
     # -- keys ------------------------------------------------------------------------------------------
     def batch_key(self, impaths: Sequence[str]) -> BatchKey | None:
@@ -166,6 +167,7 @@ class FeatureCache:
                 if path.is_file():
                     tensor = self._read_file(path, key, output)
                     if tensor is not None:
+                        self.used = path.parent
                         break
             if tensor is None:
                 return None
@@ -180,7 +182,9 @@ class FeatureCache:
         try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                tensor = fh.get_tensor(TENSOR_KEY)
+                # a fresh (64-byte aligned) copy: the file's data is only 8-byte aligned, and a matrix product's
+                # last bits may depend on the alignment of its operands
+                tensor = fh.get_tensor(TENSOR_KEY).clone()
         except Exception as exc:  # safetensors raises its own error types for damaged files
             return self._reject(path, f"cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
         problem = self._mismatch(meta, key, output, tensor)
@@ -235,6 +239,7 @@ class FeatureCache:
                     save_file({TENSOR_KEY: tensor}, str(tmp), metadata=metadata)
                     size = tmp.stat().st_size
                 self.stats.written_bytes += size
+            self.used = folder
         except OSError as exc:
             self._writes_failed = True
             logger.warning("Cannot store image features in %s (%s): this run goes on without storing them",
@@ -252,7 +257,7 @@ class FeatureCache:
     def summary(self) -> str:
         """One line: batches read and computed, what was written, where."""
         s = self.stats
-        where = self._write_folder or self.folders[0]
+        where = self.used or self.folders[0]
         rejected = f", {s.rejected} unusable entries replaced" if s.rejected else ""
         return (f"feature cache {where}: {s.read} batches read, {s.computed} computed "
                 f"({s.written_bytes / 2**20:.1f} MB stored){rejected}")  # fmt: skip

@@ -68,6 +68,12 @@ def logits(clip: CLIP, image_features: torch.Tensor, text_features: torch.Tensor
     return clip.logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).t()
 
 
+def zeroshot_logits(model: nn.Module, clip: CLIP, images: torch.Tensor) -> torch.Tensor:
+    """Zero-shot CLIP (:class:`models.zsclip.ZeroshotModel`): CLIP's stock ``encode_image`` against the class
+    text features the model computed once from its templates (as the published zero-shot code does)."""
+    return logits(clip, clip.encode_image(images), model.text_features)
+
+
 # ------------------------------------------------------------------------------------------ prompts
 def placeholder_prompts(clip: CLIP, classnames: Sequence[str], n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token embeddings (C, 77, D, detached) and ids (C, 77) of ``X X .. X <classname>.`` (n_ctx placeholders)."""
@@ -196,18 +202,27 @@ def maple_logits(model: nn.Module, clip: CLIP, images: torch.Tensor, ctx_init: s
     return logits(clip, image, text)
 
 
+def promptsrc_logits(model: nn.Module, clip: CLIP, images: torch.Tensor, ctx_init: str) -> tuple[torch.Tensor, ...]:
+    """PromptSRC's prompted branch (what it evaluates): image (B, E) and class text (C, E) features of both stock
+    towers with the learned prompts (``ctx_init`` as in :func:`promptsrc_views`)."""
+    learner = model.prompt_learner
+    return deep_prompt_features(clip, images, learner.prompts.classnames, ctx_init, learner.ctx,
+                                list(learner.text_deep), learner.VPT, list(learner.vision_deep))  # fmt: skip
+
+
 def promptsrc_views(
-    model: nn.Module, clip: CLIP, images: torch.Tensor, ctx_init: str, templates: Sequence[str]
+    model: nn.Module, clip: CLIP, images: torch.Tensor, ctx_init: str, templates: Sequence[str],
+    frozen_text: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """PromptSRC (:class:`models.promptsrc.PromptSRCModel`) initialised from ``ctx_init``: its prompted and its
     frozen branch, each ``{"logits", "text", "image"}`` (features normalised). The frozen text side is the mean
-    of CLIP's raw ``encode_text`` features over ``templates``, the frozen image side CLIP's ``encode_image``."""
-    learner = model.prompt_learner
-    names = learner.prompts.classnames
-    image, text = deep_prompt_features(clip, images, names, ctx_init, learner.ctx, list(learner.text_deep),
-                                       learner.VPT, list(learner.vision_deep))  # fmt: skip
+    of CLIP's raw ``encode_text`` features over ``templates`` (or ``frozen_text``, computed once as upstream does),
+    the frozen image side CLIP's ``encode_image``."""
+    names = model.prompt_learner.prompts.classnames
+    image, text = promptsrc_logits(model, clip, images, ctx_init)
     frozen_image = clip.encode_image(images).detach()
-    frozen_text = template_text(clip, names, templates, normalize_each=False).detach()
+    if frozen_text is None:
+        frozen_text = template_text(clip, names, templates, normalize_each=False).detach()
     views = []
     for img, txt in ((image, text), (frozen_image, frozen_text)):
         views.append({"logits": logits(clip, img, txt), "text": F.normalize(txt, dim=-1),

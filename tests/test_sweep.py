@@ -21,7 +21,7 @@ import yaml
 from conftest import REPO_ROOT, requires_dassl
 
 from tools.executors.local import make_slots, run_pool, summarize
-from tools.planner import TRAINERS, Step
+from tools.planner import PHASES, TRAINERS, Step
 
 SWEEPS = REPO_ROOT / "configs" / "sweeps"
 
@@ -113,6 +113,35 @@ def test_bad_sweep_is_one_error_line(tmp_path, node, args, message):
     path = write_sweep(tmp_path / "bad.yaml", **node)
     proc = sweep_cli("plan", str(path), "--output", str(tmp_path / "out"), *args)
     assert message in error_line(proc)
+
+
+def test_features_phase_fills_each_dataset_once_before_the_runs_that_read_it(tmp_path):
+    from tools.planner import recorded_changes
+    from tools.sweep import load_sweep
+
+    node = {"backbone": "toy", "seeds": [1, 2], "trainers": ["CoOp", "MaPLe", "BiMoRS"],
+            "protocols": {"base2new": {"datasets": ["toyrs"]}, "crossdata": {"source": "patternnet", "targets": ["rsicd"]}}}
+    plan = load_sweep(write_sweep(tmp_path / "s.yaml", **node)).plan()
+    features = {s.key: s for s in plan.steps if s.phase == "features"}
+    assert set(features) == {"features/toyrs", "features/patternnet", "features/rsicd"}
+    assert all(s.deps == (f"prepare/{s.dataset}",) for s in features.values())  # after BiMoRS's captions
+    for run in plan.runs:
+        reads = run.output_dir.parts[-3] != "MaPLe"  # MaPLe prompts its image encoder: it reads no cached features
+        assert (f"features/{run.dataset}" in run.deps) == reads, run.key
+    fills = {k: " ".join(s.commands[0]).split(" --and ") for k, s in features.items()}
+    # one fill per trainer reading the cache and per evaluated split, shared by both seeds
+    assert len(fills["features/toyrs"]) == 4 and len(fills["features/patternnet"]) == len(fills["features/rsicd"]) == 2
+    assert all("--seed 1 " in f and "--trainer MaPLe" not in f for f in fills["features/toyrs"])
+    order = [s.phase for s in plan.steps]  # prepare steps, then the fills, then the runs
+    assert order == [p for p in PHASES[:2] for _ in range(order.count(p))] + [s.phase for s in plan.runs]
+
+    off = load_sweep(write_sweep(tmp_path / "off.yaml", **node, opts={"BENCH.FEATURE_CACHE": False})).plan()
+    assert not [s for s in off.steps if s.phase == "features"] and not any("features/" in d for s in off.runs for d in s.deps)
+    run_dir = tmp_path / "run"  # the switch changes no result: a run recorded with the cache on is reused with it off
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("BENCH:\n  FEATURE_CACHE: true\nSEED: 1\n")
+    (run_dir / "results.json").write_text("{}")
+    assert recorded_changes(run_dir, {"BENCH.FEATURE_CACHE": False, "SEED": 1}, None) == []
 
 
 # ------------------------------------------------------------------------------------ the local pool

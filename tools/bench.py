@@ -86,13 +86,29 @@ class Case:
     clip_model: CLIP
     extras: Callable[[int], dict]  # batch size -> extra model inputs
     reference: Callable[..., torch.Tensor]  # (images, **extras) -> logits, the straightforward formulation
-    prompts: Callable[..., torch.Tensor]  # (images, **extras) -> truncated prompts for the text-encoder timing
+    prompts: Callable[..., torch.Tensor] | None = None  # (images, **extras) -> truncated prompts (text timing)
+    reference_loss: Callable[..., torch.Tensor] | None = None  # (images, labels, **extras) -> the training loss
+    # when it is more than the cross-entropy of ``reference``'s logits
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, formulation: str, **extras) -> torch.Tensor:
+        """The training loss of a batch: the model's (``ours``) or the straightforward formulation's."""
+        if formulation == "ours":
+            training_loss = getattr(self.model, "training_loss", None)
+            if training_loss is not None:
+                return training_loss(images, labels, **extras)[0]
+            return F.cross_entropy(self.model(images, **extras).float(), labels)
+        if self.reference_loss is not None:
+            return self.reference_loss(images, labels, **extras)
+        return F.cross_entropy(self.reference(images, **extras).float(), labels)
 
 
-def make_bimors(clip_model: CLIP, classnames: list[str]) -> Case:
+# Each builder takes the CLIP model, the class names and the model's keyword arguments (the trainer's
+# ``model_arguments`` of a run's config; the defaults below are the published configs' where they matter).
+def make_bimors(clip_model: CLIP, classnames: list[str], **options) -> Case:
     from models.bimors import BiMoRSModel
 
-    model = BiMoRSModel(clip_model, classnames, caption_dim=CAPTION_DIM)
+    model = BiMoRSModel(clip_model, classnames, **({"caption_dim": CAPTION_DIM} | options))
+    dim = model.prompt_learner.caption_dim
 
     def prompts(images, captions):
         with torch.no_grad():
@@ -102,16 +118,16 @@ def make_bimors(clip_model: CLIP, classnames: list[str]) -> Case:
     return Case(
         model=model,
         clip_model=clip_model,
-        extras=lambda b: {"captions": torch.randn(b, CAPTION_DIM, generator=torch.Generator().manual_seed(b))},
+        extras=lambda b: {"captions": torch.randn(b, dim, generator=torch.Generator().manual_seed(b))},
         reference=lambda images, captions: reference.bimors_logits(model, clip_model, images, captions),
         prompts=prompts,
     )
 
 
-def make_cocoop(clip_model: CLIP, classnames: list[str]) -> Case:
+def make_cocoop(clip_model: CLIP, classnames: list[str], **options) -> Case:
     from models.cocoop import CoCoOpModel
 
-    model = CoCoOpModel(clip_model, classnames, n_ctx=4, ctx_init="a photo of a")
+    model = CoCoOpModel(clip_model, classnames, **({"n_ctx": 4, "ctx_init": "a photo of a"} | options))
 
     def prompts(images):
         with torch.no_grad():
@@ -127,30 +143,102 @@ def make_cocoop(clip_model: CLIP, classnames: list[str]) -> Case:
     )
 
 
-def make_coop(clip_model: CLIP, classnames: list[str]) -> Case:
+def make_coop(clip_model: CLIP, classnames: list[str], **options) -> Case:
     from models.coop import CoOpModel
 
-    model = CoOpModel(clip_model, classnames, n_ctx=16, ctx_init="")
+    model = CoOpModel(clip_model, classnames, **({"n_ctx": 16, "ctx_init": ""} | options))
     return Case(model=model, clip_model=clip_model, extras=lambda b: {},
                 reference=lambda images: reference.coop_logits(model, clip_model, images),
                 prompts=lambda images: model.prompt_learner())
 
 
-def make_applenet(clip_model: CLIP, classnames: list[str]) -> Case:
-    from models.applenet import APPLeNetModel
+def make_kgcoop(clip_model: CLIP, classnames: list[str], **options) -> Case:
+    from models.kgcoop import KgCoOpModel, knowledge_guided_loss
 
-    model = APPLeNetModel(clip_model, classnames, n_ctx=4, ctx_init="a photo of a")
+    options = {"template": "a photo of a {}.", "n_ctx": 4, "ctx_init": "a photo of a"} | options
+    model = KgCoOpModel(clip_model, classnames, **options)
+
+    def reference_loss(images, labels):
+        text = reference.coop_text(model, clip_model)
+        logits = reference.logits(clip_model, clip_model.encode_image(images), text)
+        return knowledge_guided_loss(logits, labels, F.normalize(text, dim=-1), model.clip_text_features, model.weight)[0]
+
+    return Case(model=model, clip_model=clip_model, extras=lambda b: {},
+                reference=lambda images: reference.coop_logits(model, clip_model, images),
+                prompts=lambda images: model.prompt_learner(), reference_loss=reference_loss)
+
+
+def make_applenet(clip_model: CLIP, classnames: list[str], **options) -> Case:
+    from models.applenet import APPLeNetModel, applenet_loss
+
+    model = APPLeNetModel(clip_model, classnames, **({"n_ctx": 4, "ctx_init": "a photo of a"} | options))
 
     def prompts(images):
         _, ctx = model.forward_with_context(model.encode_visual(images))
         return model.prompt_learner.prompts.prefix(ctx)
 
+    def reference_loss(images, labels):
+        logits, ctx = reference.applenet_logits(model, clip_model, images)
+        return applenet_loss(logits, labels, ctx, model.temperature, model.crp_weight)[0]
+
     return Case(model=model, clip_model=clip_model, extras=lambda b: {},
-                reference=lambda images: reference.applenet_logits(model, clip_model, images)[0], prompts=prompts)
+                reference=lambda images: reference.applenet_logits(model, clip_model, images)[0], prompts=prompts,
+                reference_loss=reference_loss)
 
 
-CASES: dict[str, Callable[[CLIP, list[str]], Case]] = {"BiMoRS": make_bimors, "CoCoOp": make_cocoop, "CoOp": make_coop}
-CASES["APPLeNet"] = make_applenet
+def make_zsclip(clip_model: CLIP, classnames: list[str], **options) -> Case:
+    from models.zsclip import ZeroshotModel
+
+    model = ZeroshotModel(clip_model, classnames, **({"templates": ["a photo of a {}."]} | options))
+    return Case(model=model, clip_model=clip_model, extras=lambda b: {},
+                reference=lambda images: reference.zeroshot_logits(model, clip_model, images))
+
+
+def make_clip_adapter(clip_model: CLIP, classnames: list[str], **options) -> Case:
+    from models.clip_adapter import CLIPAdapterModel
+
+    model = CLIPAdapterModel(clip_model, classnames, **({"template": "a photo of a {}."} | options))
+    return Case(model=model, clip_model=clip_model, extras=lambda b: {},
+                reference=lambda images: reference.clip_adapter_logits(model, clip_model, images))
+
+
+def make_maple(clip_model: CLIP, classnames: list[str], **options) -> Case:
+    from models.maple import MaPLeModel
+
+    options = {"n_ctx": 2, "ctx_init": "a photo of a", "prompt_depth": 9} | options
+    model = MaPLeModel(clip_model, classnames, **options)
+    return Case(model=model, clip_model=clip_model, extras=lambda b: {},
+                reference=lambda images: reference.maple_logits(model, clip_model, images, options["ctx_init"]))
+
+
+def make_promptsrc(clip_model: CLIP, classnames: list[str], **options) -> Case:
+    from models.prompts import ensemble_templates
+    from models.promptsrc import PromptSRCModel, Views, self_regularised_loss
+
+    options = {"templates": ensemble_templates("a photo of a {}."), "ctx_init": "a photo of a"} | options
+    model = PromptSRCModel(clip_model, classnames, **options)
+    ctx_init = options["ctx_init"]
+
+    def reference_loss(images, labels):  # the frozen text features are computed once, as upstream does
+        prompted, frozen = reference.promptsrc_views(model, clip_model, images, ctx_init, (),
+                                                     frozen_text=model.frozen_text_features)  # fmt: skip
+        return self_regularised_loss(Views(**prompted), Views(**frozen), labels, model.text_weight,
+                                     model.image_weight)[0]  # fmt: skip
+
+    return Case(model=model, clip_model=clip_model, extras=lambda b: {},
+                reference=lambda images: reference.logits(clip_model, *reference.promptsrc_logits(
+                    model, clip_model, images, ctx_init)), reference_loss=reference_loss)  # fmt: skip
+
+
+#: every trainer's case (by registered trainer name); the cost report (tools.cost) builds them with the
+#: arguments of a run's config
+CASES: dict[str, Callable[..., Case]] = {
+    "BiMoRS": make_bimors, "CoCoOp": make_cocoop, "CoOp": make_coop, "APPLeNet": make_applenet,
+    "ZeroshotCLIP": make_zsclip, "ZeroshotCLIPEnsemble": make_zsclip, "KgCoOp": make_kgcoop,
+    "CLIP_Adapter": make_clip_adapter, "MaPLe": make_maple, "PromptSRC": make_promptsrc,
+}  # fmt: skip
+#: the trainers this tool times (a text encoder run per step: the exact fast paths' subject)
+TIMED = ("BiMoRS", "CoCoOp", "CoOp", "APPLeNet")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -497,7 +585,7 @@ def render(results: list[Result], diffs: dict[str, float], probe: MatmulProbe, h
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trainers", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--trainers", nargs="+", default=list(TIMED), choices=list(TIMED))
     p.add_argument("--backbone", default="ViT-B/16", help=f"one of {', '.join(BACKBONES)} (random weights)")
     p.add_argument("--dataset-classes", default="patternnet", help="catalogue dataset for class names, or a number")
     p.add_argument("--batch", type=int, default=4)

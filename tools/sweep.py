@@ -5,6 +5,7 @@
     python -m tools.sweep submit SWEEP.yaml [--partition P --time T ...]      SLURM job arrays (submitit)
     python -m tools.sweep status SWEEP.yaml [--wait]                          run folders + SLURM job states
     python -m tools.sweep report SWEEP.yaml                                   tables, CSV and plots
+    python -m tools.sweep cost   SWEEP.yaml [--device cuda|cpu] [--json F]    total FLOPs of the matrix (tools.cost)
 
 Options of every verb: ``--data``, ``--output``, ``--python``, and ``--trainers``, ``--protocols``, ``--seeds``
 to take part of the sweep. Runs go into the CoOp-style folders of the protocol scripts under the sweep's
@@ -462,6 +463,13 @@ def cmd_report(sweep: Sweep, args: argparse.Namespace) -> int:
     return report(sweep)
 
 
+def cmd_cost(sweep: Sweep, args: argparse.Namespace) -> int:
+    """The total compute of the matrix: published formulation, fast paths, fast paths with the feature cache."""
+    from tools import cost  # torch and Dassl: only this verb needs them
+
+    return cost.report(sweep, args.device, args.json)
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m tools.sweep``."""
@@ -499,10 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=86400, help="longest wait in seconds (default a day)")
     p.add_argument("--interval", type=float, default=30.0, help="seconds between two looks at SLURM (default 30)")
     verbs.add_parser("report", parents=[common], help="tables, CSV and plots of every protocol into <output>/report/")
+    p = verbs.add_parser("cost", parents=[common], help="total FLOPs of the matrix: published, ours, ours + feature cache")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="where the runs run: cuda (each config's precision) or cpu (all fp32); default cuda")
+    p.add_argument("--json", type=Path, help="also write every run's FLOPs and the totals as JSON")
     return parser
 
 
-VERBS = {"plan": cmd_plan, "run": cmd_run, "submit": cmd_submit, "status": cmd_status, "report": cmd_report}
+VERBS = {"plan": cmd_plan, "run": cmd_run, "submit": cmd_submit, "status": cmd_status, "report": cmd_report,
+         "cost": cmd_cost}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -487,13 +487,16 @@ class PromptTrainer(TrainerX):
         source = loader.dataset.data_source
         batches = list(loader.batch_sampler)
         keys = [cache.batch_key([source[i].impath for i in indices]) for indices in batches]
-        missing = [indices for indices, key in zip(batches, keys) if key is None or not cache.has(key)]
+        stored = [key is not None and cache.has(key) for key in keys]  # decided once: the loader below follows it
+        missing = [indices for indices, found in zip(batches, stored) if not found]
         loaded = iter(DataLoader(loader.dataset, batch_sampler=missing, num_workers=loader.num_workers,
                                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory) if missing else ())  # fmt: skip
-        for indices, key in zip(batches, keys):
+        for indices, key, found in zip(batches, keys, stored):
             visual = None
-            if key is None or not cache.has(key):
+            if not found:
                 batch = next(loaded)
+                if batch["index"].tolist() != list(indices):
+                    raise RuntimeError(f"feature cache: loaded batch {batch['index'].tolist()}, expected {indices}")
             else:
                 visual = cache.read(key)
                 batch = {"label": torch.tensor([source[i].label for i in indices]),
@@ -523,6 +526,18 @@ class PromptTrainer(TrainerX):
 
     # -- evaluation and results ---------------------------------------------------------------------------
     @torch.no_grad()
+    def eval_logits(self, loader, cache: FeatureCache | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(labels, logits)`` of every batch of ``loader``, on the device; with ``cache``, the model reads its image
+        encoder's outputs from it (:meth:`eval_batches`)."""
+        for batch, visual in self.eval_batches(loader, cache):
+            labels, extras = batch["label"].to(self.device, non_blocking=True), self.batch_extras(batch)
+            if visual is None:
+                logits = self.model_inference(batch["img"].to(self.device, non_blocking=True), **extras)
+            else:
+                logits = self.visual_inference({k: visual[k] for k in self.model.VISUAL_OUTPUTS}, **extras)
+            yield labels, logits
+
+    @torch.no_grad()
     def test(self, split: str | None = None) -> float:
         """Evaluate on ``split`` (default ``TEST.SPLIT``); write ``results.json`` for the test split."""
         self.set_model_mode("eval")
@@ -534,13 +549,8 @@ class PromptTrainer(TrainerX):
         logger.info("Evaluate on the *%s* set", split)
         self._eval_labels: tuple[list[int], list[int]] = ([], [])  # (true, predicted), for per-class accuracy
         cache = self.feature_cache(loader)
-        for batch, visual in tqdm(self.eval_batches(loader, cache), total=len(loader), desc=f"eval {split}",
-                                  leave=False):  # fmt: skip
-            labels, extras = batch["label"].to(self.device, non_blocking=True), self.batch_extras(batch)
-            if visual is None:
-                logits = self.model_inference(batch["img"].to(self.device, non_blocking=True), **extras)
-            else:
-                logits = self.visual_inference({k: visual[k] for k in self.model.VISUAL_OUTPUTS}, **extras)
+        for labels, logits in tqdm(self.eval_logits(loader, cache), total=len(loader), desc=f"eval {split}",
+                                   leave=False):  # fmt: skip
             self.evaluator.process(logits, labels)
             self._eval_labels[0].extend(labels.tolist())
             self._eval_labels[1].extend(logits.max(1)[1].tolist())  # the prediction Dassl's evaluator counts
