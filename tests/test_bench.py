@@ -27,6 +27,7 @@ def test_bench_runs_on_toy_backbone_and_formulations_agree(tmp_path, capsys):
         assert len(r["matmul_samples"]) == 2  # before and after the one timed training step
         assert r["peak_fraction"] > 0 and r["peak_fraction_best"] > 0
     ours = {r["trainer"]: r for r in data["results"] if r["formulation"] == "ours"}
+    assert all(0 < r["eval_cached_s"] for r in ours.values())  # every timed model's image encoder is frozen
     ref = {r["trainer"]: r for r in data["results"] if r["formulation"] == "reference"}
     for name in ("BiMoRS", "CoCoOp", "APPLeNet"):  # exact work saved: fewer FLOPs, whatever the timing noise
         assert ours[name]["train_flops"] < ref[name]["train_flops"]

@@ -54,6 +54,16 @@ def test_flops_are_affine_in_the_batch_size():
         assert flops.train["ours"].at(4) < flops.train["published"].at(4)
 
 
+def test_counts_kept_in_a_file_are_reused(tmp_path):
+    path = tmp_path / "counts.json"
+    first = cost.FlopCounts(path)
+    flops = first.get("CoCoOp", "toy", {}, ["a", "b"], train=True)
+    again = cost.FlopCounts(path)
+    assert again.get("CoCoOp", "toy", {}, ["a", "b"], train=True) == flops
+    assert not again.clips  # nothing was built or counted again
+    assert again.get("CoCoOp", "toy", {}, ["a", "b", "c"], train=False).eval and again.clips  # a new model: counted
+
+
 @pytest.fixture(scope="module")
 def counts():
     """FLOP counts shared by the tests of this module (each model is counted once)."""
@@ -115,7 +125,7 @@ def test_totals_keep_their_definitions_and_the_command_prints_them(toy_sweep, co
     part = [c for c in cost.run_costs(sweep.load_sweep(toy_sweep.path, sweep.build_parser().parse_args(argv)), "cpu",
                                       counts)]  # fmt: skip
     expected = cost.totals(part)
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text())["cpu"]
     assert data["totals"] == json.loads(json.dumps(expected)) and len(data["runs"]) == 8
     assert f"(a)/(c) {expected['published']['total'] / expected['cached']['total']:.2f}x" in table
     assert "| **total** |" in table and "| ZeroshotCLIP | 0 / 4 | 0 | 64 |" in table

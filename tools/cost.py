@@ -18,7 +18,8 @@ the run's batch size. Training steps per epoch are Dassl's: ``floor(train images
 the split files under the data root when they are there (exact), otherwise from the catalogue's totals with
 classes of equal size (an estimate, marked ``~``). The image encoder's precision groups the cached entries:
 ``--device cuda`` (default) uses each config's precision, as the runs do on a GPU; ``--device cpu`` runs
-everything in fp32, so trainers of other precisions share entries too.
+everything in fp32, so trainers of other precisions share entries too; ``--device cuda cpu`` reports both from
+one count.
 """
 
 from __future__ import annotations
@@ -149,11 +150,24 @@ def subsample_labels(n: int, subsample: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ FLOP counts
 class FlopCounts:
-    """FLOPs of the models of a sweep, counted once per (trainer, arguments, class names, backbone)."""
+    """FLOPs of the models of a sweep, counted once per (trainer, arguments, class names, backbone); with ``path``,
+    kept in that JSON file across reports (FLOP counts depend on nothing else)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path | None = None) -> None:
         self.clips: dict[str, object] = {}
         self.known: dict[str, ModelFlops] = {}
+        self.path = path
+        if path is not None and path.is_file():
+            for key, value in json.loads(path.read_text()).items():
+                self.known[key] = ModelFlops({k: Affine(*v) for k, v in value["train"].items()},
+                                             {k: Affine(*v) for k, v in value["eval"].items()}, value["visual"])  # fmt: skip
+
+    def save(self) -> None:
+        if self.path is not None:
+            data = {key: {"train": {k: [a.once, a.per_item] for k, a in f.train.items()},
+                          "eval": {k: [a.once, a.per_item] for k, a in f.eval.items()}, "visual": f.visual}
+                    for key, f in self.known.items()}  # fmt: skip
+            write_json_atomic(self.path, data, indent=1)
 
     def get(self, trainer: str, backbone: str, arguments: dict, classnames: Sequence[str], train: bool) -> ModelFlops:
         key = json.dumps([trainer, backbone, arguments, list(classnames)], sort_keys=True, default=str)
@@ -199,6 +213,7 @@ class FlopCounts:
             for formulation in ("published", "ours"):
                 flops.train[formulation] = affine(counter(
                     lambda images, labels, extras, f=formulation: case.training_loss(images, labels, f, **extras).backward()))
+        self.save()
         return flops
 
 
@@ -310,13 +325,18 @@ def ratio(total: dict, a: str, b: str) -> str:
     return f"{total[a]['total'] / total[b]['total']:.2f}x" if total[b]["total"] else "-"
 
 
-def report(sweep: Sweep, device: str = "cuda", json_path: Path | None = None) -> int:
-    """Count, print the tables and optionally write them as JSON."""
-    costs = run_costs(sweep, device)
-    total = totals(costs)
-    sys.stdout.write(render(costs, total, sweep.name, device) + "\n")
-    if json_path is not None:
+def report(sweep: Sweep, devices: Sequence[str] = ("cuda",), json_path: Path | None = None,
+           counts_path: Path | None = None) -> int:
+    """Count (once for every device; reusing ``counts_path``), print the tables of each device and optionally
+    write them as JSON."""
+    counts, out = FlopCounts(counts_path), {}
+    for device in devices:
+        costs = run_costs(sweep, device, counts)
+        total = totals(costs)
+        sys.stdout.write(render(costs, total, sweep.name, device) + "\n\n")
         rows = [{**{k: v for k, v in asdict(c).items() if k != "flops"},
                  **{f"{f}_flops": c.train_flops(f) + c.eval_flops(f) for f in FORMULATIONS}} for c in costs]  # fmt: skip
-        write_json_atomic(json_path, {"sweep": sweep.name, "device": device, "totals": total, "runs": rows}, indent=1)
+        out[device] = {"totals": total, "runs": rows}
+    if json_path is not None:
+        write_json_atomic(json_path, {"sweep": sweep.name, **out}, indent=1)
     return 0

@@ -61,7 +61,7 @@ def fill(runs: Sequence[Sequence[str]]) -> int:
     import train
     from common.errors import ConfigError
 
-    groups: dict[tuple[str, str], tuple[object, list[str]]] = {}  # -> (trainer that fills, union of outputs)
+    groups: dict[tuple[str, str], tuple[object, list[str], int]] = {}  # -> (trainer that fills, outputs, its run)
     with tempfile.TemporaryDirectory(prefix="features-fill-") as scratch:
         for number, run in enumerate(runs, 1):
             args = train.build_parser().parse_args(["--output-dir", scratch, *run])
@@ -77,14 +77,13 @@ def fill(runs: Sequence[Sequence[str]]) -> int:
                 logger.info("run %d (%s): reads no cached image features; nothing to fill", number, cfg.TRAINER.NAME)
                 continue
             key = (cache.setting.key, _batches_digest(trainer.test_loader))
-            filler, outputs = groups.setdefault(key, (trainer, []))
+            filler, outputs, first = groups.setdefault(key, (trainer, [], number))
             outputs += [o for o in cache.outputs if o not in outputs]
             logger.info("run %d (%s, %s, %s classes): setting %s, outputs %s%s", number, cfg.TRAINER.NAME,
                         cfg.DATASET.NAME, cfg.DATASET.SUBSAMPLE_CLASSES, cache.setting.key, ", ".join(cache.outputs),
-                        "" if filler is trainer else " (filled with an earlier run of the same setting)")  # fmt: skip
-            if filler is not trainer:
-                del trainer
-        for filler, outputs in groups.values():
+                        f" (same entries as run {first}: filled together)" if first != number else "")  # fmt: skip
+            del trainer, filler
+        for filler, outputs, _ in groups.values():
             filler.fill_feature_cache(tuple(outputs))
     return 0
 

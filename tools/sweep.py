@@ -5,7 +5,7 @@
     python -m tools.sweep submit SWEEP.yaml [--partition P --time T ...]      SLURM job arrays (submitit)
     python -m tools.sweep status SWEEP.yaml [--wait]                          run folders + SLURM job states
     python -m tools.sweep report SWEEP.yaml                                   tables, CSV and plots
-    python -m tools.sweep cost   SWEEP.yaml [--device cuda|cpu] [--json F]    total FLOPs of the matrix (tools.cost)
+    python -m tools.sweep cost   SWEEP.yaml [--device cuda cpu] [--json F]    total FLOPs of the matrix (tools.cost)
 
 Options of every verb: ``--data``, ``--output``, ``--python``, and ``--trainers``, ``--protocols``, ``--seeds``
 to take part of the sweep. Runs go into the CoOp-style folders of the protocol scripts under the sweep's
@@ -467,7 +467,7 @@ def cmd_cost(sweep: Sweep, args: argparse.Namespace) -> int:
     """The total compute of the matrix: published formulation, fast paths, fast paths with the feature cache."""
     from tools import cost  # torch and Dassl: only this verb needs them
 
-    return cost.report(sweep, args.device, args.json)
+    return cost.report(sweep, args.device, args.json, args.counts)
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -508,9 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=30.0, help="seconds between two looks at SLURM (default 30)")
     verbs.add_parser("report", parents=[common], help="tables, CSV and plots of every protocol into <output>/report/")
     p = verbs.add_parser("cost", parents=[common], help="total FLOPs of the matrix: published, ours, ours + feature cache")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="where the runs run: cuda (each config's precision) or cpu (all fp32); default cuda")
+    p.add_argument("--device", nargs="+", choices=("cuda", "cpu"), default=["cuda"],
+                   help="where the runs run: cuda (each config's precision) and/or cpu (all fp32); default cuda")
     p.add_argument("--json", type=Path, help="also write every run's FLOPs and the totals as JSON")
+    p.add_argument("--counts", type=Path, help="keep the FLOP counts in this JSON file and reuse those it holds")
     return parser
 
 
