@@ -289,6 +289,13 @@ def test_fill_tool_fills_runs_of_one_setting_in_one_pass_and_du_reports_it(data,
         cache = trainer.feature_cache(trainer.test_loader)
         logits(trainer, cache)
         assert (cache.stats.read, cache.stats.computed) == (4, 0), name
+    # a second fill computes only what is missing and reads nothing (an evaluation checks what it reads)
+    files[0].unlink()
+    filler = build(data, tmp_path / "again", "APPLeNet", "DATASET.SUBSAMPLE_CLASSES", "base")
+    again = filler.fill_feature_cache()
+    assert (again.stats.read, again.stats.computed) == (0, 1) and files[0].is_file()
+    last = filler.fill_feature_cache()
+    assert (last.stats.read, last.stats.computed) == (0, 0)
     capsys.readouterr()
     assert features.main(["du", "--root", str(data)]) == 0
     out = capsys.readouterr().out

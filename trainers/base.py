@@ -476,11 +476,13 @@ class PromptTrainer(TrainerX):
         dataset = self.dm.dataset
         return FeatureCache(Path(dataset.dataset_dir), Path(dataset.image_dir), setting, outputs)
 
-    def eval_batches(self, loader, cache: FeatureCache | None) -> Iterator[tuple[dict, dict | None]]:
+    def eval_batches(self, loader, cache: FeatureCache | None,
+                     missing_only: bool = False) -> Iterator[tuple[dict, dict | None]]:  # fmt: skip
         """``(batch, visual)`` for every batch of ``loader`` in order. Without a cache ``visual`` is None and the
         batch holds the images. With one, ``visual`` holds the cache's outputs of the batch: read, or computed on the
         batch's images (exactly as the model's forward computes them) and stored; a batch read from the cache holds
-        labels and paths only (its images are not loaded)."""
+        labels and paths only (its images are not loaded). ``missing_only``: only the batches whose entries are
+        not stored yet (a fill; what is stored is checked when an evaluation reads it)."""
         if cache is None:
             yield from ((batch, None) for batch in loader)
             return
@@ -492,6 +494,8 @@ class PromptTrainer(TrainerX):
         loaded = iter(DataLoader(loader.dataset, batch_sampler=missing, num_workers=loader.num_workers,
                                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory) if missing else ())  # fmt: skip
         for indices, key, found in zip(batches, keys, stored):
+            if found and missing_only:
+                continue
             visual = None
             if not found:
                 batch = next(loaded)
@@ -513,13 +517,13 @@ class PromptTrainer(TrainerX):
     @torch.no_grad()
     def fill_feature_cache(self, outputs: tuple[str, ...] = ()) -> FeatureCache | None:
         """Compute and store what the test-split evaluation reads from the feature cache (the model's outputs, or
-        ``outputs``); None when this run uses no cache."""
+        ``outputs``) where it is not stored yet; None when this run uses no cache."""
         cache = self.feature_cache(self.test_loader, outputs)
         if cache is None:
             logger.info("%s reads no cached image features (prompted image encoder, or BENCH.FEATURE_CACHE False)",
                         self.cfg.TRAINER.NAME)  # fmt: skip
             return None
-        for _ in tqdm(self.eval_batches(self.test_loader, cache), total=len(self.test_loader), desc="fill", leave=False):
+        for _ in tqdm(self.eval_batches(self.test_loader, cache, missing_only=True), desc="fill", leave=False):
             pass
         logger.info("%s", cache.summary())
         return cache
