@@ -19,7 +19,6 @@ log.txt) and exit status 2; BIMORS_DEBUG=1 shows the traceback. See docs/reliabi
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import importlib.util
 import logging
@@ -134,44 +133,33 @@ def console_logging():
         root.setLevel(level)
 
 
-def registered_trainers() -> dict[str, tuple[str, str]]:
-    """Trainers registered in ``trainers/*.py``, read from the source (no import, so no Dassl or torch needed).
-
-    Returns ``{registry name: (first docstring line, name of the trainer it extends or '')}``.
-    """
-    found: dict[str, tuple[str, str]] = {}
-    for path in sorted((REPO_ROOT / "trainers").glob("*.py")):
-        for node in ast.parse(path.read_text()).body:
-            if isinstance(node, ast.ClassDef) and any(
-                isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "register"
-                and isinstance(d.func.value, ast.Name) and d.func.value.id == "TRAINER_REGISTRY"
-                for d in node.decorator_list
-            ):  # fmt: skip
-                base = next((b.id for b in node.bases if isinstance(b, ast.Name)), "")
-                found[node.name] = ((ast.get_docstring(node) or "").split("\n")[0], base)
-    return found
-
-
 def _catalogue_help() -> str:
     """The ``--help`` epilog: every trainer with its configs, and the dataset configs."""
+    from tools.planner import trainer_catalogue, yaml_names
+
     lines = ["trainers (--trainer NAME) and their configs (--config-file configs/trainers/<folder>/<config>.yaml):"]
-    trainers = registered_trainers()
+    trainers = trainer_catalogue()
     for name, (doc, base) in sorted(trainers.items()):
         folder = name if (CONFIG_ROOT / "trainers" / name).is_dir() or base not in trainers else base
-        stems = sorted(p.stem for p in (CONFIG_ROOT / "trainers" / folder).glob("*.yaml"))
+        stems = yaml_names(CONFIG_ROOT / "trainers" / folder)
         lines += [f"  {name:<22}{doc}", f"  {'':<22}{folder}/: {', '.join(stems) or 'none'}"]
-    datasets = sorted(p.stem for p in (CONFIG_ROOT / "datasets").glob("*.yaml"))
+    datasets = yaml_names(CONFIG_ROOT / "datasets")
     lines += ["", "datasets (--dataset-config-file configs/datasets/<name>.yaml):", "  " + ", ".join(datasets),
               "", "A protocol is one script: scripts/<trainer>/{base2new,crossdata,domaingen}.sh (see docs/protocols.md)."]
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose ``--help`` ends with the catalogue (read from the repository only when shown)."""
+
+    def format_help(self) -> str:
+        self.epilog = _catalogue_help()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The suite's command line: CoOp's flags; Dassl's unused domain-adaptation flags are accepted but hidden."""
-    p = argparse.ArgumentParser(
-        prog="python train.py", description=__doc__, epilog=_catalogue_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    p = _Parser(prog="python train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = p.add_argument_group("the run")
     run.add_argument("--trainer", type=str, default="", help="trainer name (listed below)")
     run.add_argument("--config-file", type=str, default="", help="trainer config: configs/trainers/<trainer>/*.yaml")

@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO_ROOT, requires_dassl
 
 import train
+from tools.planner import trainer_catalogue
 
 HELP_WITHOUT_HEAVY_IMPORTS = """
 import builtins, sys
@@ -53,7 +54,7 @@ def test_coop_flags_are_still_accepted():
 
 
 def test_an_inherited_trainer_without_configs_points_at_its_parents():
-    assert train.registered_trainers()["ZeroshotCLIPEnsemble"][1] == "ZeroshotCLIP"
+    assert trainer_catalogue()["ZeroshotCLIPEnsemble"][1] == "ZeroshotCLIP"
     lines = train._catalogue_help().splitlines()
     row = next(i for i, line in enumerate(lines) if line.split()[:1] == ["ZeroshotCLIPEnsemble"])
     assert lines[row + 1].split()[:2] == ["ZeroshotCLIP/:", "rn50,"]
@@ -66,6 +67,6 @@ def test_trainers_read_from_the_source_are_exactly_the_registered_ones():
     import trainers  # noqa: F401  (registers every trainer module)
 
     ours = {n for n in TRAINER_REGISTRY.registered_names() if TRAINER_REGISTRY.get(n).__module__.startswith("trainers.")}
-    assert ours == set(train.registered_trainers())
-    for name, (doc, _) in train.registered_trainers().items():
+    assert ours == set(trainer_catalogue())
+    for name, (doc, _) in trainer_catalogue().items():
         assert doc == (TRAINER_REGISTRY.get(name).__doc__ or "").strip().split("\n")[0]

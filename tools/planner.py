@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import json
 import logging
 import os
@@ -110,14 +111,26 @@ TRAINERS = {
 
 
 # ------------------------------------------------------------------------------------------- repository
-def registered_trainers(root: Path = REPO_ROOT) -> list[str]:
-    """Names of the trainers that ``trainers/*.py`` register with Dassl (read from the source, not imported)."""
-    names = []
+@functools.cache
+def trainer_catalogue(root: Path = REPO_ROOT) -> dict[str, tuple[str, str]]:
+    """Trainers registered in ``root/trainers/*.py``, read from the source (no import, so no Dassl or torch needed;
+    read once per process): ``{registry name: (first docstring line, name of the trainer it extends or '')}``."""
+    found: dict[str, tuple[str, str]] = {}
     for path in sorted((root / "trainers").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ClassDef) and any("TRAINER_REGISTRY" in ast.unparse(d) for d in node.decorator_list):
-                names.append(node.name)
-    return sorted(names)
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "register"
+                and isinstance(d.func.value, ast.Name) and d.func.value.id == "TRAINER_REGISTRY"
+                for d in node.decorator_list
+            ):  # fmt: skip
+                base = next((b.id for b in node.bases if isinstance(b, ast.Name)), "")
+                found[node.name] = ((ast.get_docstring(node) or "").split("\n")[0], base)
+    return found
+
+
+def registered_trainers(root: Path = REPO_ROOT) -> list[str]:
+    """Names of the trainers that ``trainers/*.py`` register with Dassl (:func:`trainer_catalogue`), sorted."""
+    return sorted(trainer_catalogue(root))
 
 
 def yaml_names(folder: Path) -> list[str]:
@@ -512,24 +525,22 @@ class _Builder:
         self.request, self.config, self.config_path, self.cfg_dir = request, config, config_path, cfg_dir
         self.extra, self.eval_only, self.epoch, self.cached = extra, eval_only, epoch, cached
         self.plan = Plan()
-        self.prepare_keys: dict[str, str] = {}
-        self.toy_generated = False
+        self.prepared: set[str] = set()  # datasets with a prepare/<dataset> step
 
     def prepare(self, datasets: Sequence[str], shots: int, pre_step: tuple[str, ...] | None) -> None:
-        """Per dataset: generate ToyRS if it is missing (once), then run the pre-step."""
+        """Per dataset: generate ToyRS if it is missing, then run the pre-step (a command already in the plan's
+        step is not added again: :meth:`Plan.merge`)."""
         r = self.request
         for dataset in datasets:
             commands: list[tuple[str, ...]] = []
-            if dataset == TOY_DATASET and not (r.data / TOY_IMAGES).is_dir() and not self.toy_generated:
+            if dataset == TOY_DATASET and not (r.data / TOY_IMAGES).is_dir():
                 commands.append((r.python, "-m", "tools.prepare_data", dataset, "--root", str(r.data)))
-                self.toy_generated = True
             if pre_step:
                 seeds = tuple(str(s) for s in r.seeds)
                 commands.append((*pre_step, dataset, "--root", str(r.data), "--shots", str(shots), "--seeds", *seeds))
             if commands:
-                key = f"prepare/{dataset}"
-                self.prepare_keys[dataset] = key
-                self.plan.merge(Plan([Step(key, "prepare", tuple(commands), dataset=dataset)]))
+                self.prepared.add(dataset)
+                self.plan.merge(Plan([Step(f"prepare/{dataset}", "prepare", tuple(commands), dataset=dataset)]))
 
     def run(self, phase: str, dataset: str, seed: int, shots: int, subsample: str, model: Step | None = None,
             opts: tuple[str, ...] = ()) -> Step:  # fmt: skip
@@ -537,7 +548,7 @@ class _Builder:
         r = self.request
         out = r.output / r.protocol / phase / dataset / f"shots_{shots}" / r.trainer / self.cfg_dir / f"seed{seed}"
         flags: tuple[str, ...] = ()
-        deps = [self.prepare_keys[dataset]] if dataset in self.prepare_keys else []
+        deps = [f"prepare/{dataset}"] if dataset in self.prepared else []
         epoch = None
         if self.eval_only:
             flags = ("--eval-only",)

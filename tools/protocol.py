@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tools.executors import clear_old_results
 from tools.planner import (
+    DEFAULT_SEEDS,
     FINISHED,
     PROTOCOLS,
     REPO_ROOT,
@@ -66,7 +67,7 @@ def parse_args(protocol: str, script: str, args: Sequence[str]) -> tuple[list[st
                 "(e.g. -- OPTIM.MAX_EPOCH 5)"
             )
         seeds.append(int(seed))
-    return datasets, tuple(seeds) or (1, 2, 3), args[1:]
+    return datasets, tuple(seeds) or DEFAULT_SEEDS, args[1:]
 
 
 def request_from_env(protocol: str, script: str, args: Sequence[str], env: Mapping[str, str]) -> Request:

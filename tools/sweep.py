@@ -32,6 +32,7 @@ from tools.executors import step_log
 from tools.executors.local import make_slots, run_pool, summarize
 from tools.planner import (
     CHANGED,
+    DEFAULT_SEEDS,
     FINISHED,
     PHASES,
     PROTOCOLS,
@@ -201,7 +202,7 @@ def load_sweep(path: Path, args: argparse.Namespace | None = None, environ: Mapp
         raise _fail(path, "'trainers' must list the trainers, e.g. trainers: [CoOp, BiMoRS]")
     if not node.get("protocols") or not isinstance(node["protocols"], Mapping):
         raise _fail(path, "'protocols' must map protocols to their datasets, e.g. protocols: {base2new: {datasets: [toyrs]}}")
-    seeds = _ints(node["seeds"], "seeds", path) if "seeds" in node else (1, 2, 3)
+    seeds = _ints(node["seeds"], "seeds", path) if "seeds" in node else DEFAULT_SEEDS
     shots = _ints(node["shots"], "shots", path) if "shots" in node else ()
     trainers = [_trainer_entry(t, path) for t in node["trainers"]]
     protocols = [_protocol_entry(str(k), v, seeds, shots, path) for k, v in node["protocols"].items()]
