@@ -15,12 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
 from models.encoders import FrozenImageModel, VisualEncoder, freeze
-from models.prompts import template_text_features
+from models.prompts import cosine_logits, template_text_features
 
 
 class Adapter(nn.Module):
@@ -67,5 +66,4 @@ class CLIPAdapterModel(FrozenImageModel):
         """Logits (B, C) from the image features."""
         feats = visual["features"].to(self.prompt_learner.fc[0].weight.dtype)
         feats = self.ratio * self.prompt_learner(feats) + (1.0 - self.ratio) * feats
-        feats = F.normalize(feats.float(), dim=-1)
-        return self.logit_scale.exp().float() * feats @ self.text_features.t()
+        return cosine_logits(self.logit_scale, feats, self.text_features)

@@ -21,7 +21,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from models.encoders import FrozenImageModel, TextEncoder, VisualEncoder, freeze
-from models.prompts import ClassPrompts, init_context
+from models.prompts import ClassPrompts, cosine_logits, init_context
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ class CoOpModel(FrozenImageModel):
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """Logits (B, C) of image features (B, E) against normalised class text features (C, E)."""
-        feats = F.normalize(image_features.float(), dim=-1)
-        return self.logit_scale.exp().float() * feats @ text_features.t()
+        return cosine_logits(self.logit_scale, image_features, text_features)
 
     def forward_visual(self, visual: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits (B, C) from the image features."""

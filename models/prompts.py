@@ -200,6 +200,13 @@ class ClassPrompts(nn.Module):
         return torch.cat([self.prefix(ctx), suffix], dim=-2)
 
 
+def cosine_logits(logit_scale: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """Logits (B, C): ``exp(logit_scale)`` times the cosine similarities of image features (B, E), normalised here
+    in fp32, with normalised class text features (C, E)."""
+    feats = F.normalize(image_features.float(), dim=-1)
+    return logit_scale.exp().float() * feats @ text_features.t()
+
+
 def per_image_logits(
     text_encoder: TextEncoder,
     prompts: ClassPrompts,

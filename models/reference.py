@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from clip import clip as openai_clip
 from clip.model import CLIP
-from clip.simple_tokenizer import SimpleTokenizer
 from torch import nn
+
+from models.prompts import bpe_length
 
 
 # ------------------------------------------------------------------------------------------ stock encoders
@@ -91,10 +92,9 @@ def coop_arrangement(
 ) -> torch.Tensor:
     """CoOp's prompts, one class at a time: context ``ctx`` ((n_ctx, D), or (C, n_ctx, D) per class) placed
     before (``end``), around (``middle``) or after (``front``) the class name in placeholder prompts ``emb``."""
-    tokenizer = SimpleTokenizer()
     rows = []
     for i, name in enumerate(classnames):
-        name_len = len(tokenizer.encode(name))
+        name_len = bpe_length(name)  # the tokenizer is built once per process
         ctx_i = ctx[i] if ctx.dim() == 3 else ctx
         sos, suffix = emb[i, :1], emb[i, 1 + n_ctx :]
         if position == "end":

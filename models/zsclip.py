@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.encoders import FrozenImageModel, VisualEncoder, freeze
-from models.prompts import template_text_features
+from models.prompts import cosine_logits, template_text_features
 
 
 class ZeroshotModel(FrozenImageModel):
@@ -27,5 +26,4 @@ class ZeroshotModel(FrozenImageModel):
 
     def forward_visual(self, visual: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits (B, C) from the image features."""
-        feats = F.normalize(visual["features"].float(), dim=-1)
-        return self.logit_scale.exp().float() * feats @ self.text_features.t()
+        return cosine_logits(self.logit_scale, visual["features"], self.text_features)
