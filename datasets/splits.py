@@ -195,6 +195,14 @@ def list_image_tree(image_dir: str | Path, classnames: Sequence[str] | None = No
     return tree
 
 
+def split_sizes(n: int | float) -> tuple[int | float, int, int]:
+    """Train, val and test sizes of a class of ``n`` images in a generated split: 30% test, then 30% of the rest
+    val, the remainder train (``n`` may be an average, as in :mod:`tools.cost`)."""
+    n_test = round(n * TEST_FRACTION)
+    n_val = round((n - n_test) * VAL_FRACTION)
+    return n - n_test - n_val, n_val, n_test
+
+
 def generate_split(tree: dict[str, list[str]], seed: int = GENERATED_SPLIT_SEED) -> Splits:
     """Seeded per-class split: 30% test, then 30% of the rest val, the remainder train (49/21/30).
 
@@ -205,9 +213,7 @@ def generate_split(tree: dict[str, list[str]], seed: int = GENERATED_SPLIT_SEED)
     for label, (cls, files) in enumerate(tree.items()):
         files = sorted(files)
         rng.shuffle(files)
-        n_test = round(len(files) * TEST_FRACTION)
-        n_val = round((len(files) - n_test) * VAL_FRACTION)
-        n_train = len(files) - n_test - n_val
+        n_train, n_val, _ = split_sizes(len(files))
         parts = {"train": files[:n_train], "val": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
         for key, rels in parts.items():
             splits[key].extend((rel, label, cls) for rel in rels)
@@ -357,15 +363,21 @@ def few_shot(splits: Splits, num_shots: int, seed: int, cache_dir: str | Path) -
 
 
 # ---------------------------------------------------------------------------------------- base/new
-def subsample_classes(*split_lists: Sequence[Item], subsample: str = "all") -> tuple[list[Item], ...]:
-    """Keep all classes, the base half (first ceil(n/2) sorted labels) or the new half, relabelled from 0."""
+def subsample_labels(labels: Iterable[int], subsample: str) -> list[int]:
+    """The sorted ``labels`` that ``DATASET.SUBSAMPLE_CLASSES`` keeps: all, the base half (first ceil(n/2)) or
+    the new half."""
     if subsample not in ("all", "base", "new"):
         raise ValueError(f"DATASET.SUBSAMPLE_CLASSES is {subsample!r}; use 'all', 'base' or 'new'.")
+    labels = sorted(labels)
+    half = math.ceil(len(labels) / 2)
+    return labels if subsample == "all" else labels[:half] if subsample == "base" else labels[half:]
+
+
+def subsample_classes(*split_lists: Sequence[Item], subsample: str = "all") -> tuple[list[Item], ...]:
+    """Keep all classes, the base half (first ceil(n/2) sorted labels) or the new half, relabelled from 0."""
+    selected = subsample_labels({label for items in split_lists for _, label, _ in items}, subsample)
     if subsample == "all":
         return tuple(list(items) for items in split_lists)
-    labels = sorted({label for items in split_lists for _, label, _ in items})
-    half = math.ceil(len(labels) / 2)
-    selected = labels[:half] if subsample == "base" else labels[half:]
     relabel = {old: new for new, old in enumerate(selected)}
     return tuple(
         [(rel, relabel[label], cls) for rel, label, cls in items if label in relabel] for items in split_lists

@@ -115,7 +115,7 @@ def split_counts(spec) -> SplitCounts:
     """Images per label of a dataset's train and test splits: from its split file (or its generated split) when
     it is under the data root, else estimated from the catalogue's totals (classes of equal size)."""
     from datasets import storage
-    from datasets.splits import TEST_FRACTION, VAL_FRACTION, read_split_file
+    from datasets.splits import read_split_file, split_sizes
 
     path = spec.split_path if spec.split_path is not None else storage.existing(spec.generated_split_path)
     if path is not None and path.is_file():
@@ -134,18 +134,10 @@ def split_counts(spec) -> SplitCounts:
     if info.split_sizes:
         train, test = info.split_sizes[0] / n, info.split_sizes[2] / n
     elif info.num_images:
-        per_class = info.num_images / n
-        test = round(per_class * TEST_FRACTION)
-        train = per_class - test - round((per_class - test) * VAL_FRACTION)
+        train, _, test = split_sizes(info.num_images / n)
     else:
         raise ValueError(f"{spec.label}: no split file under {spec.root}, and the catalogue has no size for it")
     return SplitCounts(dict.fromkeys(range(n), train), dict.fromkeys(range(n), test), False)
-
-
-def subsample_labels(n: int, subsample: str) -> list[int]:
-    """The labels of ``all``, ``base`` (first ceil(n/2)) or ``new`` (the rest) classes (datasets.splits)."""
-    half = math.ceil(n / 2)
-    return list(range(n)) if subsample == "all" else list(range(half)) if subsample == "base" else list(range(half, n))
 
 
 # ------------------------------------------------------------------------------------------ FLOP counts
@@ -225,6 +217,7 @@ def run_costs(sweep: Sweep, device: str, counts: FlopCounts | None = None) -> li
     import datasets.remote_sensing  # noqa: F401  (registers the datasets)
     import train
     from datasets.catalog import spec_from_cfg
+    from datasets.splits import subsample_labels
     from trainers.base import effective_prec
 
     counts = counts or FlopCounts()
@@ -239,7 +232,7 @@ def run_costs(sweep: Sweep, device: str, counts: FlopCounts | None = None) -> li
             splits[spec.name] = split_counts(spec)
         sizes = splits[spec.name]
         subsample = str(cfg.DATASET.SUBSAMPLE_CLASSES)
-        labels = subsample_labels(len(sizes.test), subsample)
+        labels = subsample_labels(range(len(sizes.test)), subsample)
         classnames = [spec.display_name(c) for c in (spec.classnames or ())]
         classnames = [classnames[i] for i in labels]
         trains = not args.eval_only
